@@ -1,0 +1,70 @@
+"""The ``fedpgp`` command line: ``run`` and the subcommands of the other layers.
+
+Every FedPGPError becomes one line on stderr and exit status 2; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import FedPGPError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, dotted for sections (e.g. --set rounds=2 "
+        "--set backbone.name=ViT-B-16-quickgelu); repeatable",
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .report import format_run
+    from .runner import default_out_dir, execute
+
+    cfg = load_config(args.config, args.overrides)
+    out_dir = Path(args.out) if args.out else default_out_dir(cfg)
+    results = execute(cfg, out_dir)
+    print(format_run(results))
+    print(f"\nresults in {out_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedpgp", description="Federated prompt learning on a frozen CLIP (FedPGP)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train one method across simulated clients")
+    _add_config_args(run)
+    run.add_argument("--out", help="run directory (default: runs/<time>-<method>-<dataset>)")
+    run.set_defaults(func=cmd_run)
+    from .data.commands import add_data_commands
+
+    add_data_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedpgp`` command."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FedPGPError as exc:
+        print(f"fedpgp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedpgp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

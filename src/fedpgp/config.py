@@ -1,0 +1,310 @@
+"""Typed run configuration: dataclasses loaded from YAML plus ``--set key=value`` overrides.
+
+Every key is validated before any work starts; an unknown key, a wrong type or an out-of-range
+value is a :class:`ConfigError` that names the key and what was expected. The defaults are the
+offline default run (FedPGP on the generated world); ``configs/`` holds the paper's experiments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+METHODS = ("zeroshot", "local", "promptfl", "fedprox", "fedpgp", "fedotp")
+
+
+@dataclass
+class BackboneConfig:
+    """Which frozen CLIP to use (see :class:`fedpgp.backbone.BackboneSpec`)."""
+
+    name: str = "fedpgp-world"
+    pretrained: str | None = "world"
+    file: str | None = None
+    init_seed: int = 0
+    allow_torchscript: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    """Which dataset, where it lies on disk, and loader options."""
+
+    name: str = "world"
+    root: str = "data"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PartitionConfig:
+    """How training data is split over clients (METHOD.md section 3)."""
+
+    kind: str = "pathological"
+    beta: float = 0.3
+    min_samples: int = 10
+    clients_per_domain: int = 1
+    file: str | None = None
+
+
+@dataclass
+class FedOTPConfig:
+    """FedOTP's optimal-transport settings (METHOD.md section 5)."""
+
+    ot: str = "cot"
+    eps: float = 0.01
+    thresh: float = 1e-3
+    max_iter: int = 100
+    top_percent: float = 0.8
+
+
+@dataclass
+class RunConfig:
+    """One federated run. Field names are the YAML keys and the ``--set`` keys."""
+
+    method: str = "fedpgp"
+    rounds: int = 10
+    local_epochs: int = 2
+    num_clients: int = 10
+    frac: float = 1.0
+    shots: int | None = 16
+    batch_size: int | None = None
+    n_ctx: int = 16
+    rank: int = 8
+    mu: float = 0.5
+    tau: float = 0.5
+    prox_mu: float = 0.01
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    eval_every: int = 1
+    augment: str = "none"
+    views: int = 0
+    anchor: str = "paper"
+    optimizer_state: str = "fresh"
+    label_space: str = "all"
+    device: str = "auto"
+    min_clients: int = 1
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    fedotp: FedOTPConfig = field(default_factory=FedOTPConfig)
+
+    @property
+    def train_batch_size(self) -> int:
+        """The batch size; by default the shot count, as in the paper's few-shot runs."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return self.shots if self.shots is not None else 32
+
+    @property
+    def num_views(self) -> int:
+        """Stored training views per image: one per local epoch of the run unless set."""
+        if self.augment != "views":
+            return 1
+        return self.views or self.local_epochs * self.rounds
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of every key, in declaration order."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self) -> str:
+        """sha256 of the resolved configuration, for checkpoints and caches."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "augment": ("none", "views", "online"),
+    "anchor": ("paper", "official"),
+    "optimizer_state": ("fresh", "shared"),
+    "label_space": ("all", "client"),
+    "device": ("auto", "cpu", "cuda"),
+    "partition.kind": ("pathological", "dirichlet", "hierarchical", "domain"),
+    "fedotp.ot": ("cot", "sinkhorn"),
+}
+
+# (key, lower bound, upper bound, lower bound inclusive); None means unbounded.
+RANGES: tuple[tuple[str, float | None, float | None, bool], ...] = (
+    ("rounds", 1, None, True),
+    ("local_epochs", 1, None, True),
+    ("num_clients", 1, None, True),
+    ("frac", 0, 1, False),
+    ("shots", 1, None, True),
+    ("batch_size", 1, None, True),
+    ("n_ctx", 1, None, True),
+    ("rank", 1, None, True),
+    ("mu", 0, None, True),
+    ("tau", 0, None, False),
+    ("prox_mu", 0, None, True),
+    ("lr", 0, None, False),
+    ("momentum", 0, 1, True),
+    ("weight_decay", 0, None, True),
+    ("seed", 0, None, True),
+    ("eval_every", 1, None, True),
+    ("views", 0, None, True),
+    ("min_clients", 1, None, True),
+    ("partition.beta", 0, None, False),
+    ("partition.min_samples", 0, None, True),
+    ("partition.clients_per_domain", 1, None, True),
+    ("fedotp.eps", 0, None, False),
+    ("fedotp.thresh", 0, None, False),
+    ("fedotp.max_iter", 1, None, True),
+    ("fedotp.top_percent", 0, 1, False),
+)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against the annotation ``tp`` (ints are accepted for floats)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            if arg is not type(None):
+                try:
+                    return _coerce(key, value, arg)
+                except ConfigError:
+                    continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in hints:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; known keys here: {', '.join(names)}"
+            )
+    values = {key: _coerce(f"{prefix}{key}", value, hints[key]) for key, value in data.items()}
+    return cls(**values)
+
+
+def _lookup(cfg: RunConfig, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check choices and ranges of every key; returns ``cfg`` unchanged or raises ConfigError."""
+    for key, allowed in CHOICES.items():
+        value = _lookup(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+    for key, low, high, inclusive in RANGES:
+        value = _lookup(cfg, key)
+        if value is None:
+            continue
+        too_low = low is not None and (value < low if inclusive else value <= low)
+        too_high = high is not None and value > high
+        if too_low or too_high:
+            lower = f"{'>=' if inclusive else '>'} {low}" if low is not None else ""
+            upper = f"<= {high}" if high is not None else ""
+            bounds = " and ".join(b for b in (lower, upper) if b)
+            raise ConfigError(f"{key}: expected a value {bounds}, got {value!r}")
+    if cfg.min_clients > cfg.num_clients:
+        raise ConfigError(
+            f"min_clients: expected at most num_clients ({cfg.num_clients}), got {cfg.min_clients}"
+        )
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set rounds=2")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` with each ``a.b=value`` set; values are parsed as YAML scalars."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; ConfigError naming the file if it is not one."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then ``--set`` overrides; validated."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    return validate(_build(RunConfig, data))
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """A validated RunConfig from a plain nested dict (as written to config.yaml)."""
+    return validate(_build(RunConfig, data))

@@ -1,0 +1,1 @@
+"""Client, Server and the runtimes that move Updates between them."""

@@ -1,0 +1,26 @@
+"""PromptFL + FedProx: cross-entropy plus (prox_mu / 2) * ||ctx - ctx_global||^2."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from ..prompts import PromptBank
+from .promptfl import PromptFL
+
+
+class FedProx(PromptFL):
+    name = "fedprox"
+
+    def loss(
+        self,
+        params: Mapping[str, Tensor],
+        features: Tensor,
+        labels: Tensor,
+        bank: PromptBank,
+        round_start: Mapping[str, Tensor],
+    ) -> Tensor:
+        ce = super().loss(params, features, labels, bank, round_start)
+        proximal = (params["ctx"] - round_start["ctx"]).pow(2).sum()
+        return ce + 0.5 * self.cfg.prox_mu * proximal

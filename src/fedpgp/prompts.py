@@ -1,0 +1,92 @@
+"""Learnable contexts and prompt assembly.
+
+A prompt for class c is ``[SOS] ctx_1 .. ctx_M <class name tokens> . [EOT]``. The context is
+shared by all classes, so a learned context transfers to any class list by rebuilding the bank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backbone import FrozenCLIP
+from .errors import ConfigError
+
+HAND_CRAFTED = "a photo of a {}."
+
+
+def normal_init(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """N(0, 0.02^2), the initialisation of every context tensor (METHOD.md section 1)."""
+    return torch.randn(shape, generator=generator) * 0.02
+
+
+def coop_context(n_ctx: int, width: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """A CoOp context ``ctx`` (M x D)."""
+    return {"ctx": normal_init((n_ctx, width), generator)}
+
+
+def personalized_prompt(sigma: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """p_i = sigma + U_i V_i (FedPGP, eq. 1 of the paper)."""
+    return sigma + U @ V
+
+
+class PromptBank:
+    """The frozen token embeddings of ``[SOS] . <name> . [EOT]`` for a list of class names, into
+    which any context (M x D) is inserted. Built once per class list; cut at the longest EOT."""
+
+    def __init__(self, backbone: FrozenCLIP, classnames: list[str], n_ctx: int) -> None:
+        self.backbone = backbone
+        self.classnames = list(classnames)
+        self.n_ctx = n_ctx
+        ids, eot = backbone.tokenize([f"{name}." for name in self.classnames])
+        needed = int(eot.max()) + 1 + n_ctx
+        if needed > backbone.context_length:
+            longest = self.classnames[int(eot.argmax())]
+            raise ConfigError(
+                f"n_ctx: {n_ctx} context tokens plus class name '{longest}' need {needed} "
+                f"positions, the model '{backbone.name}' has {backbone.context_length}"
+            )
+        length = int(eot.max()) + 1
+        with torch.no_grad():
+            embedded = backbone.embed_tokens(ids[:, :length])
+        self.prefix = embedded[:, :1]
+        self.suffix = embedded[:, 1:]
+        self.eot = eot + n_ctx
+        self._anchors: dict[str, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.classnames)
+
+    def assemble(self, contexts: Tensor) -> Tensor:
+        """Prompt embeddings for every (context, class) pair: contexts (P, M, D) -> (P*C, L, D)."""
+        count, classes = contexts.shape[0], len(self.classnames)
+        ctx = contexts.unsqueeze(1).expand(count, classes, *contexts.shape[1:])
+        prefix = self.prefix.unsqueeze(0).expand(count, *self.prefix.shape)
+        suffix = self.suffix.unsqueeze(0).expand(count, *self.suffix.shape)
+        return torch.cat([prefix, ctx, suffix], dim=2).flatten(0, 1)
+
+    def encode(self, contexts: Tensor) -> Tensor:
+        """Normalised text features of each context with every class: (P, M, D) -> (P, C, E).
+        A single context (M, D) gives (C, E)."""
+        single = contexts.dim() == 2
+        batch = contexts.unsqueeze(0) if single else contexts
+        features = self.backbone.encode_prompts(
+            self.assemble(batch.to(self.prefix.device)), self.eot.repeat(batch.shape[0])
+        )
+        features = features.view(batch.shape[0], len(self.classnames), -1)
+        return features[0] if single else features
+
+    def anchor(self, kind: str = "paper") -> Tensor:
+        """z_C: frozen features of the hand-crafted prompt, computed once per class list.
+
+        ``paper`` is "a photo of a {class}."; ``official`` is the authors' code's placeholder
+        prompt "X X .. X {class}." with M literal X tokens.
+        """
+        if kind not in self._anchors:
+            if kind == "paper":
+                texts = [HAND_CRAFTED.format(name) for name in self.classnames]
+            else:
+                texts = [" ".join(["X"] * self.n_ctx + [name]) + "." for name in self.classnames]
+            with torch.no_grad():
+                self._anchors[kind] = self.backbone.encode_texts(texts)
+        return self._anchors[kind]
