@@ -36,6 +36,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import time
+
+    from .compare import compare, format_comparison, parse_methods, parse_seeds
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    methods = parse_methods(args.methods)
+    seeds = parse_seeds(args.seeds, cfg.seed)
+    out_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-compare")
+    rows = compare(cfg, methods, seeds, out_dir)
+    print(format_comparison(rows))
+    print(f"\ncomparison.md, comparison.csv and comparison.png in {out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedpgp", description="Federated prompt learning on a frozen CLIP (FedPGP)."
@@ -45,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--out", help="run directory (default: runs/<time>-<method>-<dataset>)")
     run.set_defaults(func=cmd_run)
+    comp = sub.add_parser("compare", help="several methods on one partition, over seeds")
+    _add_config_args(comp)
+    comp.add_argument("--methods", help="comma-separated (default: zeroshot,local,promptfl,"
+                      "fedprox,fedpgp)")
+    comp.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
+    comp.add_argument("--out", help="output folder (default: runs/<time>-compare)")
+    comp.set_defaults(func=cmd_compare)
     from .data.commands import add_data_commands
 
     add_data_commands(sub)

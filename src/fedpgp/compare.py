@@ -1,0 +1,178 @@
+"""``fedpgp compare``: several methods on one partition, over one seed or several, sharing the
+frozen work (backbone, dataset, features) of each seed between the methods."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_bytes_atomic, write_text_atomic
+from .config import RunConfig, validate
+from .errors import ConfigError
+from .experiment import Experiment, build_experiment
+from .federation.simulation import run_simulation, zero_shot_reference
+from .methods import METHODS, create_method
+from .report import SUMMARY_KEYS, build_results, format_table, results_csv, results_json
+
+DEFAULT_METHODS = ("zeroshot", "local", "promptfl", "fedprox", "fedpgp")
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ConfigError(f"--{what}: expected a comma-separated list, got {text!r}")
+    return items
+
+
+def parse_methods(text: str | None) -> list[str]:
+    """Method names from ``a,b,c``; unknown names are a ConfigError."""
+    methods = list(DEFAULT_METHODS) if text is None else parse_list(text, "methods")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    return methods
+
+
+def parse_seeds(text: str | None, default: int) -> list[int]:
+    """Seeds from ``0,1,2``; non-integers or negatives are a ConfigError."""
+    if text is None:
+        return [default]
+    try:
+        seeds = [int(s) for s in parse_list(text, "seeds")]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected integers like 0,1,2, got {text!r}") from None
+    if any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds: expected non-negative integers, got {text!r}")
+    return seeds
+
+
+def with_method(experiment: Experiment, method: str) -> Experiment:
+    """The same frozen experiment driven by another method."""
+    cfg = validate(dataclasses.replace(experiment.cfg, method=method))
+    return dataclasses.replace(
+        experiment, cfg=cfg, method=create_method(cfg, experiment.backbone.logit_scale)
+    )
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    std = statistics.pstdev(present) if len(present) > 1 else 0.0
+    return round(statistics.fmean(present), 4), round(std, 4)
+
+
+def summarize_runs(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per method: mean and standard deviation over seeds of each final metric."""
+    rows = []
+    for method, results in runs.items():
+        row: dict[str, Any] = {"method": method}
+        for key in SUMMARY_KEYS:
+            mean, std = _mean_std([r["final"][key] for r in results])
+            row[key], row[f"{key}_std"] = mean, std
+        rows.append(row)
+    return rows
+
+
+def comparison_csv(rows: list[dict[str, Any]]) -> str:
+    columns = ["method", *SUMMARY_KEYS, *(f"{k}_std" for k in SUMMARY_KEYS)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    return "-" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def comparison_markdown(rows: list[dict[str, Any]], seeds: list[int], title: str) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        f"Final-round accuracy (%), mean ± std over seeds {', '.join(map(str, seeds))}.",
+        "",
+        "| method | Local | Base | Novel | HM |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [_pm(row[k], row[f"{k}_std"]) for k in SUMMARY_KEYS]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_png(rows: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]]) -> bytes:
+    """Bars per method and metric, and each metric per round (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(14, 7))
+    grid = fig.add_gridspec(2, 4)
+    bars = fig.add_subplot(grid[0, :])
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        xs = [k + i * width for k in range(len(SUMMARY_KEYS))]
+        heights = [row[k] or 0.0 for k in SUMMARY_KEYS]
+        errors = [row[f"{k}_std"] or 0.0 for k in SUMMARY_KEYS]
+        bars.bar(xs, heights, width, yerr=errors, label=row["method"], capsize=2)
+    bars.set_xticks([k + 0.4 - width / 2 for k in range(len(SUMMARY_KEYS))])
+    bars.set_xticklabels(["Local", "Base", "Novel", "HM"])
+    bars.set_ylabel("accuracy (%)")
+    bars.legend(ncol=len(rows), fontsize=8)
+    for k, key in enumerate(SUMMARY_KEYS):
+        axis = fig.add_subplot(grid[1, k])
+        for method, results in runs.items():
+            rounds = [r["round"] for r in results[0]["rounds"]]
+            means = [
+                statistics.fmean(res["rounds"][j][key] or 0.0 for res in results)
+                for j in range(len(rounds))
+            ]
+            axis.plot(rounds, means, marker=".", label=method)
+        axis.set_title({"hm": "HM"}.get(key, key.capitalize()))
+        axis.set_xlabel("round")
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def compare(
+    cfg: RunConfig, methods: list[str], seeds: list[int], out_dir: Path
+) -> list[dict[str, Any]]:
+    """Run every method for every seed; write each run's results and the comparison files."""
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for seed in seeds:
+        base = build_experiment(validate(dataclasses.replace(cfg, seed=seed)))
+        zeroshot = zero_shot_reference(base)
+        for method in methods:
+            experiment = with_method(base, method)
+            outcome = run_simulation(experiment)
+            results = build_results(experiment.cfg.to_dict(), outcome["rounds"], zeroshot)
+            run_dir = out_dir / method / f"seed{seed}"
+            write_text_atomic(run_dir / "results.json", results_json(results))
+            write_text_atomic(run_dir / "results.csv", results_csv(outcome["rounds"]))
+            runs[method].append(results)
+    rows = summarize_runs(runs)
+    title = f"{cfg.dataset.name}: {', '.join(methods)}"
+    write_text_atomic(out_dir / "comparison.csv", comparison_csv(rows))
+    write_text_atomic(out_dir / "comparison.md", comparison_markdown(rows, seeds, title))
+    write_bytes_atomic(out_dir / "comparison.png", comparison_png(rows, runs))
+    return rows
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> str:
+    """The comparison as an aligned terminal table (means over seeds)."""
+    return format_table(
+        ["method", "Local", "Base", "Novel", "HM"],
+        [[r["method"], *(r[k] for k in SUMMARY_KEYS)] for r in rows],
+    )

@@ -1,0 +1,40 @@
+"""fedpgp compare: three files, means and standard deviations over seeds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from PIL import Image
+
+from conftest import tiny_overrides
+from fedpgp.cli import main
+
+
+def test_compare_writes_table_csv_and_png(tiny_data: Path, tmp_path: Path) -> None:
+    args = ["compare", "--methods", "zeroshot,promptfl,fedpgp", "--seeds", "0,1",
+            "--out", str(tmp_path)]
+    for override in tiny_overrides(tiny_data, rounds=2):
+        args += ["--set", override]
+    assert main(args) == 0
+    with open(tmp_path / "comparison.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["method"] for r in rows] == ["zeroshot", "promptfl", "fedpgp"]
+    finals = [
+        json.loads((tmp_path / "fedpgp" / f"seed{s}" / "results.json").read_text())["final"]
+        for s in (0, 1)
+    ]
+    fedpgp = rows[2]
+    assert float(fedpgp["local"]) == round(statistics.fmean(f["local"] for f in finals), 4)
+    assert float(fedpgp["local_std"]) == round(statistics.pstdev(f["local"] for f in finals), 4)
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert all(m in markdown for m in ("zeroshot", "promptfl", "fedpgp"))
+    with Image.open(tmp_path / "comparison.png") as image:
+        assert image.size[0] > 600 and image.size[1] > 300
+
+
+def test_compare_rejects_unknown_method(capsys) -> None:
+    assert main(["compare", "--methods", "fedpgp,nope"]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""Client, Server and Update: personal state never leaves, aggregation and sampling rules."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from conftest import tiny_overrides
+from fedpgp.config import load_config
+from fedpgp.experiment import build_experiment
+from fedpgp.federation.server import Server, sample_clients, weighted_mean
+from fedpgp.federation.simulation import build_clients
+from fedpgp.federation.update import Update
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_data: Path):
+    return build_experiment(load_config(None, tiny_overrides(tiny_data, num_clients=3)))
+
+
+def test_update_of_fedpgp_client_holds_sigma_only(experiment) -> None:
+    clients = build_clients(experiment)
+    update = clients[0].train(experiment.initial_global(), 0)
+    assert set(update.tensors) == {"sigma"}
+    personal = clients[0].personal
+    assert set(personal) == {"U", "V"}
+    serialized = [pickle.dumps(update), save(update.tensors)]
+    buffer = io.BytesIO()
+    torch.save(update, buffer)
+    serialized.append(buffer.getvalue())
+    for blob in serialized:
+        for tensor in personal.values():
+            assert tensor.numpy().tobytes() not in blob
+    for field_value in vars(update).values():
+        if isinstance(field_value, dict):
+            assert not {"U", "V"} & set(field_value)
+
+
+def test_unsampled_client_keeps_its_own_personal_tensors_and_gets_new_sigma(experiment) -> None:
+    clients = build_clients(experiment)
+    server = Server(experiment.method, experiment.initial_global(), 3, seed=0)
+    before = {k: v.clone() for k, v in clients[2].personal.items()}
+    updates = [clients[c].train(server.global_tensors, 1) for c in (0, 1)]
+    server.aggregate(updates)
+    assert all(torch.equal(before[k], clients[2].personal[k]) for k in before)
+    params = clients[2].params(server.global_tensors)
+    assert torch.equal(params["sigma"], server.global_tensors["sigma"])
+    assert not torch.equal(params["sigma"], experiment.initial_global()["sigma"])
+    assert torch.equal(params["U"], before["U"])
+    trained = clients[0].personal
+    assert not torch.equal(trained["U"], experiment.initial_personal(0)["U"])
+
+
+def test_aggregation_is_the_sample_weighted_mean() -> None:
+    a = Update(0, 1, {"ctx": torch.full((2, 3), 1.0)}, num_samples=1)
+    b = Update(1, 1, {"ctx": torch.full((2, 3), 4.0)}, num_samples=3)
+    mean = weighted_mean([a, b], ("ctx",))["ctx"]
+    assert torch.allclose(mean, torch.full((2, 3), (1.0 * 1 + 4.0 * 3) / 4))
+
+
+def test_server_drops_unsound_updates(experiment) -> None:
+    server = Server(experiment.method, experiment.initial_global(), 3, seed=0)
+    sigma = server.global_tensors["sigma"]
+    good = Update(0, 1, {"sigma": sigma + 1.0}, num_samples=4)
+    bad = [
+        Update(1, 1, {"sigma": torch.full_like(sigma, float("nan"))}, num_samples=4),
+        Update(2, 1, {"sigma": sigma[:2]}, num_samples=4),
+        Update(3, 1, {"sigma": sigma, "U": torch.zeros(2)}, num_samples=4),
+        Update(4, 1, {"sigma": sigma}, num_samples=0),
+        Update(5, 1, {"sigma": sigma.double()}, num_samples=4),
+    ]
+    rejected = server.aggregate([good, *bad])
+    assert [client for client, _ in rejected] == [1, 2, 3, 4, 5]
+    assert torch.allclose(server.global_tensors["sigma"], sigma + 1.0)
+
+
+def test_sampling_rule() -> None:
+    assert sample_clients(0, 10, 0.1, seed=0) == list(range(10))
+    draws = [sample_clients(r, 100, 0.1, seed=0) for r in range(1, 6)]
+    assert all(len(d) == 10 and len(set(d)) == 10 for d in draws)
+    assert draws == [sample_clients(r, 100, 0.1, seed=0) for r in range(1, 6)]
+    assert draws != [sample_clients(r, 100, 0.1, seed=1) for r in range(1, 6)]
+    assert len({tuple(d) for d in draws}) > 1
+    assert sample_clients(3, 5, 0.01, seed=0).__len__() == 1
+    assert sample_clients(3, 10, 1.0, seed=4) == list(range(10))

@@ -1,0 +1,65 @@
+"""Whole runs: every method, determinism, learning, results files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from fedpgp.config import load_config
+from fedpgp.experiment import build_experiment
+from fedpgp.federation.simulation import build_clients
+from fedpgp.runner import execute
+
+METHOD_NAMES = ("zeroshot", "local", "promptfl", "fedprox", "fedpgp")
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_each_method_runs_three_rounds_and_writes_results(
+    method: str, tiny_data: Path, tmp_path: Path
+) -> None:
+    cfg = load_config(None, tiny_overrides(tiny_data, method=method))
+    execute(cfg, tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["method"] == method
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
+    for key in ("local", "base", "novel", "hm"):
+        assert 0.0 <= results["final"][key] <= 100.0
+    assert [c["id"] for c in results["clients"]] == [0, 1]
+    assert all(c["n_train"] > 0 for c in results["clients"])
+    for name in ("config.yaml", "results.csv", "partition.json", "curves.png", "run.log"):
+        assert (tmp_path / "run" / name).is_file()
+    rows = (tmp_path / "run" / "results.csv").read_text().splitlines()
+    assert rows[0] == "round,client,n_train,local,base,novel" and len(rows) == 1 + 3 * 2
+
+
+def test_same_seed_gives_byte_identical_results(tiny_data: Path, tmp_path: Path) -> None:
+    outputs = []
+    for name in ("a", "b"):
+        execute(load_config(None, tiny_overrides(tiny_data)), tmp_path / name)
+        outputs.append((tmp_path / name / "results.json").read_bytes())
+    assert outputs[0] == outputs[1]
+    execute(load_config(None, tiny_overrides(tiny_data, seed=1, lr=0.05)), tmp_path / "c")
+    assert (tmp_path / "c" / "results.json").read_bytes() != outputs[0]
+
+
+def test_zeroshot_changes_no_tensor(tiny_data: Path) -> None:
+    experiment = build_experiment(load_config(None, tiny_overrides(tiny_data, method="zeroshot")))
+    weights = {k: v.clone() for k, v in experiment.backbone.state_dict().items()}
+    clients = build_clients(experiment)
+    update = clients[0].train({}, 0)
+    assert update.tensors == {} and clients[0].personal == {}
+    after = experiment.backbone.state_dict()
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+
+
+@pytest.mark.parametrize("method", ("fedpgp", "promptfl", "local"))
+def test_training_improves_local_accuracy(method: str, tiny_data: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(tiny_data, method=method, rounds=12, lr=0.01, local_epochs=2,
+                               mu=0.1)
+    results = execute(load_config(None, overrides), tmp_path / "run")
+    before = results["zeroshot"]["local"]
+    assert results["final"]["local"] >= before + 25.0, (before, results["final"])
