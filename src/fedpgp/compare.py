@@ -113,6 +113,7 @@ def comparison_png(rows: list[dict[str, Any]], runs: dict[str, list[dict[str, An
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig = plt.figure(figsize=(14, 7))
     grid = fig.add_gridspec(2, 4)
@@ -138,6 +139,7 @@ def comparison_png(rows: list[dict[str, Any]], runs: dict[str, list[dict[str, An
             axis.plot(rounds, means, marker=".", label=method)
         axis.set_title({"hm": "HM"}.get(key, key.capitalize()))
         axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
