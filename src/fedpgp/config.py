@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class PartitionConfig:
     """How training data is split over clients (METHOD.md section 3)."""
 
     kind: str = "pathological"
+    classes: str = "base"
     beta: float = 0.3
     min_samples: int = 10
     clients_per_domain: int = 1
@@ -93,6 +95,8 @@ class RunConfig:
     label_space: str = "all"
     device: str = "auto"
     min_clients: int = 1
+    client_timeout: float | None = None
+    checkpoint_every: int = 1
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -132,8 +136,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "label_space": ("all", "client"),
     "device": ("auto", "cpu", "cuda"),
     "partition.kind": ("pathological", "dirichlet", "hierarchical", "domain"),
+    "partition.classes": ("base", "all"),
     "fedotp.ot": ("cot", "sinkhorn"),
 }
+
+# torch.manual_seed and numpy take seeds up to 2**64 - 1; derived seeds are 63-bit.
+MAX_SEED = 2**63 - 1
 
 # (key, lower bound, upper bound, lower bound inclusive); None means unbounded.
 RANGES: tuple[tuple[str, float | None, float | None, bool], ...] = (
@@ -151,10 +159,13 @@ RANGES: tuple[tuple[str, float | None, float | None, bool], ...] = (
     ("lr", 0, None, False),
     ("momentum", 0, 1, True),
     ("weight_decay", 0, None, True),
-    ("seed", 0, None, True),
+    ("seed", 0, MAX_SEED, True),
     ("eval_every", 1, None, True),
     ("views", 0, None, True),
     ("min_clients", 1, None, True),
+    ("client_timeout", 0, None, False),
+    ("checkpoint_every", 1, None, True),
+    ("backbone.init_seed", 0, MAX_SEED, True),
     ("partition.beta", 0, None, False),
     ("partition.min_samples", 0, None, True),
     ("partition.clients_per_domain", 1, None, True),
@@ -191,8 +202,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _build(tp, value, prefix=f"{key}.")
     origin = typing.get_origin(tp)
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if not isinstance(value, dict) or not _is_plain(value):
+            raise ConfigError(
+                f"{key}: expected a mapping with string keys and plain YAML values "
+                f"(strings, numbers, booleans, null, lists, mappings), got {value!r}"
+            )
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -202,11 +216,25 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{key}: {value!r} is too large for a float") from None
     elif tp is str:
         if isinstance(value, str):
             return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _is_plain(value: Any) -> bool:
+    """True for JSON-like data: what a config digest and a dataset loader's keywords accept."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, list):
+        return all(_is_plain(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -238,6 +266,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         value = _lookup(cfg, key)
         if value is None:
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         too_low = low is not None and (value < low if inclusive else value <= low)
         too_high = high is not None and value > high
         if too_low or too_high:
@@ -248,6 +278,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.min_clients > cfg.num_clients:
         raise ConfigError(
             f"min_clients: expected at most num_clients ({cfg.num_clients}), got {cfg.min_clients}"
+        )
+    per_round = max(int(cfg.frac * cfg.num_clients), 1)
+    if cfg.min_clients > per_round:
+        raise ConfigError(
+            f"min_clients: expected at most the {per_round} clients sampled per round "
+            f"(max(int(frac * num_clients), 1)), got {cfg.min_clients}"
         )
     return cfg
 
@@ -261,7 +297,9 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {item!r}: the key is empty")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except Exception:
+        # Not parseable as YAML (an unbalanced bracket, an impossible date: PyYAML raises
+        # ValueError and others besides YAMLError): the text itself is the value.
         value = raw
     return key.split("."), value
 
@@ -289,12 +327,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
-    except yaml.YAMLError as exc:
+    except Exception as exc:
+        # PyYAML raises ValueError, AttributeError, ... on malformed scalars (an impossible
+        # date), not only YAMLError.
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path}: expected a mapping of keys, got {type(data).__name__}"
+        )
     return data
 
 

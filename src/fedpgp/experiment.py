@@ -52,13 +52,16 @@ def build_manifest(cfg: RunConfig, splits: DatasetSplits) -> PartitionManifest:
         manifest.check_matches(splits)
     else:
         p = cfg.partition
+        skew = {"beta": p.beta, "min_samples": p.min_samples}
         options = {
             "pathological": {},
-            "dirichlet": {"beta": p.beta, "min_samples": p.min_samples},
-            "hierarchical": {"beta": p.beta, "min_samples": p.min_samples},
-            "domain": {"clients_per_domain": p.clients_per_domain},
+            "dirichlet": skew,
+            "hierarchical": skew,
+            "domain": {"clients_per_domain": p.clients_per_domain, **skew},
         }[p.kind]
-        manifest = make_partition(splits, p.kind, cfg.num_clients, cfg.shots, cfg.seed, **options)
+        manifest = make_partition(
+            splits, p.kind, cfg.num_clients, cfg.shots, cfg.seed, classes=p.classes, **options
+        )
     if len(manifest.clients) != cfg.num_clients:
         raise ConfigError(
             f"num_clients: {cfg.num_clients}, but the partition has {len(manifest.clients)} clients"

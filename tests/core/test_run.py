@@ -63,3 +63,15 @@ def test_training_improves_local_accuracy(method: str, tiny_data: Path, tmp_path
     results = execute(load_config(None, overrides), tmp_path / "run")
     before = results["zeroshot"]["local"]
     assert results["final"]["local"] >= before + 25.0, (before, results["final"])
+
+
+def test_rerun_with_the_written_manifest_reproduces_data_and_results(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    execute(load_config(None, tiny_overrides(tiny_data, seed=3)), tmp_path / "first")
+    manifest = tmp_path / "first" / "partition.json"
+    again = tiny_overrides(tiny_data, seed=3) + [f"partition.file={manifest}"]
+    execute(load_config(None, again), tmp_path / "again")
+    assert (tmp_path / "again" / "partition.json").read_bytes() == manifest.read_bytes()
+    first = (tmp_path / "first" / "results.json").read_bytes()
+    assert (tmp_path / "again" / "results.json").read_bytes() == first

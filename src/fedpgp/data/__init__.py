@@ -4,10 +4,10 @@ Importing the package registers every loader, so `load_dataset(name, root)` know
 It imports no model code.
 """
 
-from fedpgp.data import cifar, coop, domains  # noqa: F401  (registers the loaders)
+from fedpgp.data import cifar, coop, domains, world  # noqa: F401  (registers the loaders)
 from fedpgp.data.datasets import (
     ArrayImages,
-    DatasetProblems,
+    DatasetProblemsError,
     DatasetSplits,
     FileImages,
     ImageSource,
@@ -21,13 +21,14 @@ from fedpgp.data.partition import (
     PartitionManifest,
     load_or_make_partition,
     make_partition,
+    resolve_params,
 )
 from fedpgp.data.splits import base_novel_split, few_shot_indices
 
 __all__ = [
     "ArrayImages",
     "ClientPart",
-    "DatasetProblems",
+    "DatasetProblemsError",
     "DatasetSplits",
     "FileImages",
     "ImageSource",
@@ -40,4 +41,5 @@ __all__ = [
     "load_or_make_partition",
     "make_partition",
     "register",
+    "resolve_params",
 ]

@@ -21,6 +21,7 @@ from fedpgp.data.datasets import (
     Problems,
     coop_classname,
     register,
+    require_root,
 )
 from fedpgp.errors import DatasetError
 
@@ -180,6 +181,7 @@ def _coarse_per_class(
 
 def load_cifar(layout: CifarLayout, root: Path) -> DatasetSplits:
     """Load CIFAR-10 or CIFAR-100 under the data root `root`, reporting every problem."""
+    require_root(root, layout.name)
     folder = root / layout.folder
     if not folder.is_dir():
         raise DatasetError(

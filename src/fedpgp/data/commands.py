@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpgp.data.datasets import (
-    DatasetProblems,
+    DatasetProblemsError,
     DatasetSplits,
     FileImages,
     LabeledSet,
@@ -24,8 +24,6 @@ from fedpgp.data.download import (
     torchvision_download,
 )
 from fedpgp.errors import ConfigError, DatasetError
-
-SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass
@@ -67,7 +65,7 @@ def check_dataset(name: str, root: str | Path, verify_images: bool = False) -> C
     report = CheckReport(name, Path(root))
     try:
         report.splits = load_dataset(name, root)
-    except DatasetProblems as exc:
+    except DatasetProblemsError as exc:
         report.problems.extend(exc.problems)
     except DatasetError as exc:
         report.problems.append(str(exc))
@@ -80,7 +78,9 @@ def _table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for row in rows:
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ from fedpgp.data.datasets import (
     coop_classname,
     missing_files,
     register,
+    require_root,
 )
 from fedpgp.errors import DatasetError
 
@@ -145,41 +146,46 @@ def _parse_entries(
     return parsed
 
 
+def _majorities(votes: dict[object, dict[object, int]]) -> dict[object, object]:
+    """For every key, its most frequent value (ties: the value seen first)."""
+    return {key: max(counts, key=counts.__getitem__) for key, counts in votes.items()}
+
+
 def _class_table(
     path: Path, entries: dict[str, list[tuple[str, int, str]]], problems: Problems
 ) -> list[str]:
-    """Class names by label; a label with two names (or a name with two labels) is a problem."""
-    names: dict[int, tuple[str, str]] = {}
-    labels: dict[str, tuple[int, str]] = {}
+    """Class names by label. An entry whose label and name disagree with the other entries
+    (a label with two names, or a name with two labels) is one problem."""
+    names_of: dict[int, dict[str, int]] = {}
+    labels_of: dict[str, dict[int, int]] = {}
+    for items in entries.values():
+        for _, label, name in items:
+            names_of.setdefault(label, {}).setdefault(name, 0)
+            names_of[label][name] += 1
+            labels_of.setdefault(name, {}).setdefault(label, 0)
+            labels_of[name][label] += 1
+    usual_name, usual_label = _majorities(names_of), _majorities(labels_of)
     for split, items in entries.items():
         for position, (_, label, name) in enumerate(items):
-            where = f"{split}[{position}]"
-            if label not in names:
-                names[label] = (name, where)
-            elif names[label][0] != name:
+            if name != usual_name[label] or label != usual_label[name]:
                 problems.add(
-                    f"split file {path}: {where}: label {label} is named '{name}' but "
-                    f"'{names[label][0]}' at {names[label][1]} (label / class-name mismatch)"
+                    f"split file {path}: {split}[{position}]: label {label} with class "
+                    f"'{name}', but elsewhere label {label} is '{usual_name[label]}' and class "
+                    f"'{name}' is label {usual_label[name]} (label / class-name mismatch)"
                 )
-            if name not in labels:
-                labels[name] = (label, where)
-            elif labels[name][0] != label:
-                problems.add(
-                    f"split file {path}: {where}: class '{name}' has label {label} but "
-                    f"{labels[name][0]} at {labels[name][1]} (label / class-name mismatch)"
-                )
-    expected = set(range(len(names)))
-    if set(names) != expected:
+    labels = sorted(names_of)
+    if labels != list(range(len(labels))):
         problems.add(
-            f"split file {path}: expected labels 0..{len(names) - 1} each used at least once, "
-            f"found {sorted(names)[:10]}{'...' if len(names) > 10 else ''}"
+            f"split file {path}: expected labels 0..{len(labels) - 1} each used at least once, "
+            f"found {labels[:10]}{'...' if len(labels) > 10 else ''}"
         )
         return []
-    return [coop_classname(names[label][0]) for label in range(len(names))]
+    return [coop_classname(str(usual_name[label])) for label in labels]
 
 
 def load_coop(layout: CoOpLayout, root: Path) -> DatasetSplits:
     """Load one CoOp dataset under the data root `root`, reporting every problem at once."""
+    require_root(root, layout.name)
     folder = root / layout.folder
     if not folder.is_dir():
         raise DatasetError(

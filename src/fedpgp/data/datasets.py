@@ -282,15 +282,19 @@ def load_dataset(name: str, root: str | Path, **options: object) -> DatasetSplit
             f"accepted: {', '.join(accepted) or 'none'}"
         )
     root_path = Path(root).expanduser()
-    if not root_path.is_dir():
-        raise DatasetError(
-            f"data root {root_path}: expected a folder holding the '{name}' dataset, "
-            f"found {'a file' if root_path.exists() else 'nothing'}"
-        )
     return loader(root_path, **options)
 
 
-class DatasetProblems(DatasetError):
+def require_root(root: Path, dataset: str) -> None:
+    """Raise DatasetError unless the data root `root` is a folder (loaders that read files)."""
+    if not root.is_dir():
+        raise DatasetError(
+            f"data root {root}: expected a folder holding the '{dataset}' dataset, "
+            f"found {'a file' if root.exists() else 'nothing'}"
+        )
+
+
+class DatasetProblemsError(DatasetError):
     """A dataset folder with one or more problems; `problems` lists every one of them."""
 
     def __init__(self, dataset: str, location: Path, problems: list[str]) -> None:
@@ -318,13 +322,10 @@ class Problems:
         """Record one problem: it should name the path or key, what was expected and found."""
         self.items.append(message)
 
-    def __bool__(self) -> bool:
-        return bool(self.items)
-
     def raise_if_any(self) -> None:
-        """Raise a DatasetProblems listing every recorded problem, if there is one."""
+        """Raise a DatasetProblemsError listing every recorded problem, if there is one."""
         if self.items:
-            raise DatasetProblems(self.dataset, self.location, self.items)
+            raise DatasetProblemsError(self.dataset, self.location, self.items)
 
 
 def missing_files(root: Path, relpaths: Iterable[str]) -> list[str]:

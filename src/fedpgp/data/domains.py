@@ -30,6 +30,7 @@ from fedpgp.data.datasets import (
     coop_classname,
     missing_files,
     register,
+    require_root,
 )
 from fedpgp.errors import ConfigError, DatasetError
 
@@ -75,6 +76,7 @@ def _select_domains(name: str, domains: Sequence[str] | None, known: Sequence[st
 
 
 def _find_folder(root: Path, names: Sequence[str], dataset: str, layout: str, url: str) -> Path:
+    require_root(root, dataset)
     for folder_name in names:
         if (root / folder_name).is_dir():
             return root / folder_name

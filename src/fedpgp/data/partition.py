@@ -29,7 +29,7 @@ import itertools
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -220,32 +220,60 @@ def _client_from_dict(
     return ClientPart(item["id"], item["train"], item["test"], item["classes"], domain)
 
 
-class _Params:
-    """A kind's parameters: read with defaults, validated, and recorded as resolved."""
+@dataclass(frozen=True)
+class ParamSpec:
+    """One partition parameter: its default, whether it is an integer, its smallest value."""
 
-    def __init__(self, raw: dict, kind: str) -> None:
-        self.raw = dict(raw)
-        self.kind = kind
-        self.resolved: dict[str, object] = {}
+    default: float
+    integer: bool
+    minimum: float
 
-    def number(self, key: str, default: float, *, integer: bool, minimum: float) -> float:
-        """Parameter `key` (or `default`): an int (if `integer`) or a number >= `minimum`."""
-        value = self.raw.pop(key, default)
-        kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not kind_ok or not value >= minimum:
-            expected = f"an integer >= {int(minimum)}" if integer else "a positive number"
-            raise ConfigError(
-                f"partition.{key} ({self.kind}): expected {expected}, found {value!r}"
-            )
-        self.resolved[key] = int(value) if integer else float(value)
-        return self.resolved[key]
 
-    def finish(self) -> None:
-        """Reject any parameter the kind did not read."""
-        if self.raw:
-            raise ConfigError(
-                f"partition.{min(self.raw)}: not a parameter of partition kind '{self.kind}'"
-            )
+_DIRICHLET_PARAMS = {
+    "beta": ParamSpec(0.3, integer=False, minimum=1e-6),
+    "min_samples": ParamSpec(10, integer=True, minimum=0),
+    "max_retries": ParamSpec(100, integer=True, minimum=1),
+}
+KIND_PARAMS: dict[str, dict[str, ParamSpec]] = {
+    "pathological": {},
+    "dirichlet": _DIRICHLET_PARAMS,
+    "hierarchical": {
+        **_DIRICHLET_PARAMS,
+        "beta_fine": ParamSpec(10.0, integer=False, minimum=1e-6),
+    },
+    "domain": {"clients_per_domain": ParamSpec(1, integer=True, minimum=1), **_DIRICHLET_PARAMS},
+}
+
+
+def resolve_params(kind: str, params: Mapping[str, object]) -> dict[str, object]:
+    """The parameters of partition `kind`, validated, with defaults filled in.
+
+    Needs no data, so a config can be validated before any dataset is read. An unknown kind,
+    an unknown key or a value of the wrong type or range is a ConfigError naming the key.
+    """
+    if kind not in KIND_PARAMS:
+        raise ConfigError(f"partition.kind: unknown kind '{kind}'; known: {', '.join(KIND_PARAMS)}")
+    specs = KIND_PARAMS[kind]
+    unknown = sorted(set(params) - set(specs) - {"classes"})
+    if unknown:
+        raise ConfigError(
+            f"partition.{unknown[0]}: not a parameter of partition kind '{kind}' "
+            f"(known: {', '.join(['classes', *specs])})"
+        )
+    resolved: dict[str, object] = {"classes": params.get("classes", "base")}
+    if resolved["classes"] not in CLASS_SETS:
+        raise ConfigError(
+            f"partition.classes: expected one of {', '.join(CLASS_SETS)}, "
+            f"found {resolved['classes']!r}"
+        )
+    for key, spec in specs.items():
+        value = params.get(key, spec.default)
+        type_ok = isinstance(value, int) if spec.integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not type_ok or not value >= spec.minimum:
+            expected = f"an integer >= {int(spec.minimum)}" if spec.integer else "a positive number"
+            raise ConfigError(f"partition.{key} ({kind}): expected {expected}, found {value!r}")
+        resolved[key] = int(value) if spec.integer else float(value)
+    return resolved
 
 
 @dataclass(frozen=True)
@@ -256,13 +284,9 @@ class _Options:
     min_samples: int
     max_retries: int
 
-
-def _dirichlet_options(params: _Params) -> _Options:
-    return _Options(
-        beta=params.number("beta", 0.3, integer=False, minimum=1e-6),
-        min_samples=int(params.number("min_samples", 10, integer=True, minimum=0)),
-        max_retries=int(params.number("max_retries", 100, integer=True, minimum=1)),
-    )
+    @classmethod
+    def from_params(cls, params: dict) -> _Options:
+        return cls(params["beta"], params["min_samples"], params["max_retries"])
 
 
 def _sorted_list(values: Sequence[int] | np.ndarray) -> list[int]:
@@ -314,13 +338,15 @@ def _split_by_proportions(
         test_parts: list[list[int]] = [[] for _ in range(num_clients)]
         for c in classes:
             cuts = np.cumsum(shares[c])[:-1]
-            for pool, parts in zip(by_class[c], (train_parts, test_parts)):
+            for pool, parts in zip(by_class[c], (train_parts, test_parts), strict=True):
                 shuffled = rng.permutation(pool)
                 for client, chunk in enumerate(np.split(shuffled, (cuts * len(pool)).astype(int))):
                     parts[client].extend(chunk.tolist())
         smallest = min(min(map(len, train_parts)), min(map(len, test_parts)))
         if smallest >= options.min_samples:
-            return [(sorted(tr), sorted(te)) for tr, te in zip(train_parts, test_parts)]
+            return [
+                (sorted(tr), sorted(te)) for tr, te in zip(train_parts, test_parts, strict=True)
+            ]
         best = max(best, smallest)
     raise ConfigError(
         f"partition ({what}): no draw in {options.max_retries} gave every one of the "
@@ -340,9 +366,8 @@ def _pathological(
     num_clients: int,
     shots: int | None,
     rng: np.random.Generator,
-    params: _Params,
+    params: dict,
 ) -> list[ClientPart]:
-    params.finish()
     count = len(classes)
     if num_clients > count:
         raise ConfigError(
@@ -375,10 +400,9 @@ def _dirichlet(
     num_clients: int,
     shots: int | None,
     rng: np.random.Generator,
-    params: _Params,
+    params: dict,
 ) -> list[ClientPart]:
-    options = _dirichlet_options(params)
-    params.finish()
+    options = _Options.from_params(params)
     pool = _pool(splits, classes, shots, rng)
     test_pool = np.flatnonzero(np.isin(splits.test.labels, classes))
 
@@ -408,16 +432,15 @@ def _hierarchical(
     num_clients: int,
     shots: int | None,
     rng: np.random.Generator,
-    params: _Params,
+    params: dict,
 ) -> list[ClientPart]:
     if splits.coarse_labels is None:
         raise ConfigError(
             f"partition.kind: 'hierarchical' needs coarse class labels (CIFAR-100), "
             f"dataset '{splits.name}' has none"
         )
-    options = _dirichlet_options(params)
-    beta_fine = params.number("beta_fine", 10.0, integer=False, minimum=1e-6)
-    params.finish()
+    options = _Options.from_params(params)
+    beta_fine = params["beta_fine"]
     groups: dict[int, list[int]] = {}
     for c in classes:
         groups.setdefault(int(splits.coarse_labels[c]), []).append(c)
@@ -432,7 +455,9 @@ def _hierarchical(
             fine = generator.dirichlet(np.full(len(members), beta_fine), size=num_clients)
             for position, c in enumerate(members):
                 weight = coarse * fine[:, position]
-                shares[c] = weight / weight.sum()
+                total = weight.sum()
+                # A tiny beta_fine can underflow every weight; fall back to the coarse split.
+                shares[c] = weight / total if total > 0 else coarse
         return shares
 
     parts = _split_by_proportions(
@@ -458,16 +483,15 @@ def _domain(
     num_clients: int,
     shots: int | None,
     rng: np.random.Generator,
-    params: _Params,
+    params: dict,
 ) -> list[ClientPart]:
     if splits.domain_names is None or splits.train.domains is None or splits.test.domains is None:
         raise ConfigError(
             f"partition.kind: 'domain' needs a domain dataset (office_caltech10, domainnet), "
             f"dataset '{splits.name}' has no domains"
         )
-    per_domain = int(params.number("clients_per_domain", 1, integer=True, minimum=1))
-    options = _dirichlet_options(params)
-    params.finish()
+    per_domain = params["clients_per_domain"]
+    options = _Options.from_params(params)
     expected = len(splits.domain_names) * per_domain
     if num_clients != expected:
         raise ConfigError(
@@ -508,7 +532,7 @@ def _domain(
 
 
 Partitioner = Callable[
-    [DatasetSplits, list[int], int, "int | None", np.random.Generator, _Params],
+    [DatasetSplits, list[int], int, "int | None", np.random.Generator, dict],
     list[ClientPart],
 ]
 KINDS: dict[str, Partitioner] = {
@@ -532,32 +556,20 @@ def make_partition(
     `shots` images per training class (None: all of them). `params` are the kind's
     parameters (module docstring); an unknown kind or parameter is a ConfigError.
     """
-    if kind not in KINDS:
-        raise ConfigError(f"partition.kind: unknown kind '{kind}'; known: {', '.join(KINDS)}")
+    resolved = resolve_params(kind, params)
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ConfigError(f"num_clients: expected a positive integer, found {num_clients!r}")
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
         raise ConfigError(f"shots: expected a positive integer or null, found {shots!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed: expected an integer, found {seed!r}")
-    options = _Params(params, kind)
-    class_set = options.raw.pop("classes", "base")
-    if class_set not in CLASS_SETS:
-        raise ConfigError(
-            f"partition.classes: expected one of {', '.join(CLASS_SETS)}, found {class_set!r}"
-        )
-    if class_set == "base":
+    if resolved["classes"] == "base":
         base, novel = base_novel_split(splits.num_classes)
     else:
         base, novel = list(range(splits.num_classes)), []
     rng = np.random.default_rng(seed)
-    clients = KINDS[kind](splits, base, num_clients, shots, rng, options)
-    recorded = {
-        **options.resolved,
-        "classes": class_set,
-        "num_clients": num_clients,
-        "shots": shots,
-    }
+    clients = KINDS[kind](splits, base, num_clients, shots, rng, resolved)
+    recorded = {**resolved, "num_clients": num_clients, "shots": shots}
     return PartitionManifest(
         kind=kind,
         seed=seed,
