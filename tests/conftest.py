@@ -11,12 +11,27 @@ import pytest
 from PIL import Image
 
 TINY_CLASSES = [
-    "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "white",
+    "black",
+    "pink",
+    "brown",
 ]
 
 
-def write_tiny_dtd(root: Path, classes: list[str] = TINY_CLASSES, train: int = 6, test: int = 4,
-                   size: int = 32, seed: int = 0) -> Path:
+def write_tiny_dtd(
+    root: Path,
+    classes: list[str] = TINY_CLASSES,
+    train: int = 6,
+    test: int = 4,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
     """A DTD-layout dataset (dtd/images/<class>/*.jpg + split_zhou_DescribableTextures.json)
     whose class c is a noisy image of a colour unique to c."""
     rng = np.random.default_rng(seed)

@@ -17,7 +17,11 @@ from .errors import FedPGPError
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, dotted for sections (e.g. --set rounds=2 "
         "--set backbone.name=ViT-B-16-quickgelu); repeatable",
     )
@@ -25,12 +29,26 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .errors import ConfigError
     from .report import format_run
-    from .runner import default_out_dir, execute
+    from .runner import default_out_dir, execute, resume
 
-    cfg = load_config(args.config, args.overrides)
-    out_dir = Path(args.out) if args.out else default_out_dir(cfg)
-    results = execute(cfg, out_dir)
+    if args.resume:
+        if args.runtime != "inprocess":
+            raise ConfigError("--resume continues in-process runs only (--runtime inprocess)")
+        if args.out:
+            raise ConfigError("--resume DIR continues the run in DIR; --out cannot be given too")
+        out_dir = Path(args.resume)
+        results = resume(out_dir, args.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        out_dir = Path(args.out) if args.out else default_out_dir(cfg)
+        if args.runtime == "flower-sim":
+            from .federation.flower.sim import run_flower_simulation
+
+            results = run_flower_simulation(cfg, out_dir)
+        else:
+            results = execute(cfg, out_dir)
     print(format_run(results))
     print(f"\nresults in {out_dir}")
     return 0
@@ -60,11 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train one method across simulated clients")
     _add_config_args(run)
     run.add_argument("--out", help="run directory (default: runs/<time>-<method>-<dataset>)")
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the interrupted run in DIR from its last checkpoint, with the config in "
+        "DIR/config.yaml (--config/--set may repeat it but not change it)",
+    )
+    run.add_argument(
+        "--runtime",
+        choices=("inprocess", "flower-sim"),
+        default="inprocess",
+        help="inprocess (default): every client in this process; flower-sim: Flower's "
+        "simulation engine, one virtual SuperNode per client (docs/flower.md)",
+    )
     run.set_defaults(func=cmd_run)
     comp = sub.add_parser("compare", help="several methods on one partition, over seeds")
     _add_config_args(comp)
-    comp.add_argument("--methods", help="comma-separated (default: zeroshot,local,promptfl,"
-                      "fedprox,fedpgp)")
+    comp.add_argument(
+        "--methods", help="comma-separated (default: zeroshot,local,promptfl,fedprox,fedpgp)"
+    )
     comp.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     comp.add_argument("--out", help="output folder (default: runs/<time>-compare)")
     comp.set_defaults(func=cmd_compare)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +27,10 @@ class EvalSet:
 
 
 def accuracy(
-    method: Method, params: Mapping[str, Tensor], features: Tensor, labels: Tensor,
+    method: Method,
+    params: Mapping[str, Tensor],
+    features: Tensor,
+    labels: Tensor,
     bank: PromptBank,
 ) -> float | None:
     """Top-1 accuracy in percent; None for an empty set."""

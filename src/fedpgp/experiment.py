@@ -143,7 +143,10 @@ def build_experiment(cfg: RunConfig, clients: Sequence[int] | None = None) -> Ex
     train_row = {index: row for row, index in enumerate(train_indices)}
     if cfg.augment == "views":
         train_features = encode_views(
-            encoder, splits.train.images, train_indices, backbone.train_transform(),
+            encoder,
+            splits.train.images,
+            train_indices,
+            backbone.train_transform(),
             cfg.num_views,
         )
     else:
@@ -169,7 +172,9 @@ def build_experiment(cfg: RunConfig, clients: Sequence[int] | None = None) -> Ex
         )
     log.info(
         "experiment: %d train images, %d test images encoded, backbone %s",
-        len(train_indices), len(test_indices), backbone.identity,
+        len(train_indices),
+        len(test_indices),
+        backbone.identity,
     )
     return experiment
 

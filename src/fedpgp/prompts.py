@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .backbone import FrozenCLIP
 from .errors import ConfigError
+from .text_encoder import SharedPrefixEncoder, shared_prefix_supported
 
 HAND_CRAFTED = "a photo of a {}."
 
@@ -32,7 +33,11 @@ def personalized_prompt(sigma: Tensor, U: Tensor, V: Tensor) -> Tensor:
 
 class PromptBank:
     """The frozen token embeddings of ``[SOS] . <name> . [EOT]`` for a list of class names, into
-    which any context (M x D) is inserted. Built once per class list; cut at the longest EOT."""
+    which any context (M x D) is inserted. Built once per class list; cut at the longest EOT.
+
+    Encoding shares the ``[SOS] ctx`` prefix between classes (:mod:`fedpgp.text_encoder`) when the
+    text tower allows it, and otherwise runs the assembled prompts through the text tower.
+    """
 
     def __init__(self, backbone: FrozenCLIP, classnames: list[str], n_ctx: int) -> None:
         self.backbone = backbone
@@ -53,6 +58,10 @@ class PromptBank:
         self.suffix = embedded[:, 1:]
         self.eot = eot + n_ctx
         self._anchors: dict[str, Tensor] = {}
+        self._shared: SharedPrefixEncoder | None = None
+        if shared_prefix_supported(backbone):
+            # Suffix c holds the tokens after SOS up to and including its EOT: eot_c of them.
+            self._shared = SharedPrefixEncoder(backbone, self.suffix, eot, 1 + n_ctx)
 
     def __len__(self) -> int:
         return len(self.classnames)
@@ -69,11 +78,14 @@ class PromptBank:
         """Normalised text features of each context with every class: (P, M, D) -> (P, C, E).
         A single context (M, D) gives (C, E)."""
         single = contexts.dim() == 2
-        batch = contexts.unsqueeze(0) if single else contexts
-        features = self.backbone.encode_prompts(
-            self.assemble(batch.to(self.prefix.device)), self.eot.repeat(batch.shape[0])
-        )
-        features = features.view(batch.shape[0], len(self.classnames), -1)
+        batch = (contexts.unsqueeze(0) if single else contexts).to(self.prefix.device)
+        if self._shared is not None:
+            sos = self.prefix[0].expand(batch.shape[0], -1, -1)
+            features = self._shared.encode(torch.cat([sos, batch], dim=1))
+        else:
+            features = self.backbone.encode_prompts(
+                self.assemble(batch), self.eot.repeat(batch.shape[0])
+            ).view(batch.shape[0], len(self.classnames), -1)
         return features[0] if single else features
 
     def anchor(self, kind: str = "paper") -> Tensor:

@@ -26,9 +26,9 @@ def build_results(
     for row in rounds:
         entry = {"round": row["round"], **{k: _round4(row[k]) for k in SUMMARY_KEYS}}
         entry["sampled"] = row["sampled"]
-        for extra in ("rejected", "faults"):
-            if extra in row:
-                entry[extra] = row[extra]
+        if "faults" in row:
+            # Sampled clients left out of aggregation: [{"client", "round", "reason"}].
+            entry["faults"] = row["faults"]
         summary_rows.append(entry)
     last = rounds[-1]
     return {
@@ -40,8 +40,11 @@ def build_results(
         "final": {k: _round4(last[k]) for k in SUMMARY_KEYS},
         "zeroshot": {k: _round4(zeroshot[k]) for k in SUMMARY_KEYS},
         "clients": [
-            {"id": c["id"], "n_train": c["n_train"],
-             **{k: _round4(c[k]) for k in ("local", "base", "novel")}}
+            {
+                "id": c["id"],
+                "n_train": c["n_train"],
+                **{k: _round4(c[k]) for k in ("local", "base", "novel")},
+            }
             for c in last["clients"]
         ],
     }
@@ -58,8 +61,14 @@ def results_csv(rounds: Sequence[dict]) -> str:
     writer.writerow(["round", "client", "n_train", "local", "base", "novel"])
     for row in rounds:
         for c in row["clients"]:
-            writer.writerow([row["round"], c["id"], c["n_train"],
-                             *(_round4(c[k]) for k in ("local", "base", "novel"))])
+            writer.writerow(
+                [
+                    row["round"],
+                    c["id"],
+                    c["n_train"],
+                    *(_round4(c[k]) for k in ("local", "base", "novel")),
+                ]
+            )
     return buffer.getvalue()
 
 
@@ -105,7 +114,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
         [_cell(v) if isinstance(v, float) or v is None else str(v) for v in row] for row in rows
     ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -123,4 +132,12 @@ def format_run(results: Mapping[str, Any]) -> str:
             [results["method"], *(results["final"][k] for k in SUMMARY_KEYS)],
         ],
     )
-    return f"{per_round}\n\nfinal ({results['dataset']}, seed {results['seed']}):\n{final}"
+    faults = [
+        f"  round {f['round']}: client {f['client']} {f['reason']}"
+        for row in results["rounds"]
+        for f in row.get("faults", ())
+    ]
+    left_out = "\n\nclients left out of aggregation:\n" + "\n".join(faults) if faults else ""
+    return (
+        f"{per_round}{left_out}\n\nfinal ({results['dataset']}, seed {results['seed']}):\n{final}"
+    )

@@ -43,9 +43,10 @@ def test_same_seed_same_weights_and_identity() -> None:
 def test_weights_file_round_trip(tiny: FrozenCLIP, tmp_path: Path) -> None:
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()}, str(path))
-    loaded = FrozenCLIP.load(BackboneSpec(name="fedpgp-tiny", pretrained=None, file=str(path),
-                                          init_seed=5))
-    ids, eot = tiny.tokenize(["a cat."])
+    loaded = FrozenCLIP.load(
+        BackboneSpec(name="fedpgp-tiny", pretrained=None, file=str(path), init_seed=5)
+    )
+    _ids, eot = tiny.tokenize(["a cat."])
     assert torch.equal(loaded.encode_texts(["a cat."]), tiny.encode_texts(["a cat."]))
     assert loaded.identity != tiny.identity
     assert eot.item() == 4  # [SOS] a cat . [EOT]
@@ -54,12 +55,14 @@ def test_weights_file_round_trip(tiny: FrozenCLIP, tmp_path: Path) -> None:
 def test_openai_style_pickled_state_dict_loads(tiny: FrozenCLIP, tmp_path: Path) -> None:
     path = tmp_path / "openai.pt"
     state = {k: v.half() for k, v in tiny.model.state_dict().items()}
-    state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77),
-                 vocab_size=torch.tensor(49408))
+    state.update(
+        input_resolution=torch.tensor(32),
+        context_length=torch.tensor(77),
+        vocab_size=torch.tensor(49408),
+    )
     torch.save(state, path)
     loaded = FrozenCLIP.load(BackboneSpec(name="fedpgp-tiny", pretrained=None, file=str(path)))
-    assert torch.allclose(loaded.encode_texts(["a cat."]), tiny.encode_texts(["a cat."]),
-                          atol=1e-2)
+    assert torch.allclose(loaded.encode_texts(["a cat."]), tiny.encode_texts(["a cat."]), atol=1e-2)
 
 
 def test_missing_weights_file(tmp_path: Path) -> None:

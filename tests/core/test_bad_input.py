@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_overrides
+
 from fedpgp.cli import main
 from fedpgp.config import load_config
 from fedpgp.errors import BackboneError, ConfigError, DatasetError, FedPGPError
@@ -76,7 +76,9 @@ def test_cli_reports_one_line_and_exit_status_2(capsys: pytest.CaptureFixture[st
 def test_cli_subprocess_has_no_traceback(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "fedpgp.cli", "run", "--config", str(tmp_path / "x.yaml")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -7,15 +7,22 @@ import json
 import statistics
 from pathlib import Path
 
+from conftest import tiny_overrides
 from PIL import Image
 
-from conftest import tiny_overrides
 from fedpgp.cli import main
 
 
 def test_compare_writes_table_csv_and_png(tiny_data: Path, tmp_path: Path) -> None:
-    args = ["compare", "--methods", "zeroshot,promptfl,fedpgp", "--seeds", "0,1",
-            "--out", str(tmp_path)]
+    args = [
+        "compare",
+        "--methods",
+        "zeroshot,promptfl,fedpgp",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(tmp_path),
+    ]
     for override in tiny_overrides(tiny_data, rounds=2):
         args += ["--set", override]
     assert main(args) == 0

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_overrides
 from safetensors.torch import save
 
-from conftest import tiny_overrides
 from fedpgp.config import load_config
 from fedpgp.experiment import build_experiment
 from fedpgp.federation.server import Server, sample_clients, weighted_mean

@@ -64,7 +64,7 @@ def test_fedpgp_loss_equals_the_formula(tiny: FrozenCLIP) -> None:
     z_c = tiny.encode_texts([f"a photo of a {name}." for name in NAMES])
     scale = tiny.logit_scale
     ce = 0.0
-    for x, y in zip(features, labels):
+    for x, y in zip(features, labels, strict=False):
         logits = [scale * float(x @ z_p[c]) for c in range(len(NAMES))]
         ce += -logits[int(y)] + math.log(sum(math.exp(v) for v in logits))
     ce /= len(labels)
@@ -109,6 +109,8 @@ def test_fedpgp_initialisation_scale() -> None:
     generator = torch.Generator().manual_seed(0)
     tensors = {**method.init_global(512, generator), **method.init_personal(512, generator)}
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {
-        "sigma": (16, 512), "U": (16, 8), "V": (8, 512)
+        "sigma": (16, 512),
+        "U": (16, 8),
+        "V": (8, 512),
     }
     assert tensors["sigma"].std().item() == pytest.approx(0.02, rel=0.05)

@@ -101,7 +101,10 @@ class Client:
             order = torch.randperm(self.data.num_train, generator=order_rng).to(device)
             for batch in order.split(cfg.train_batch_size):
                 loss = self.method.loss(
-                    params, features[batch], self.data.train_labels[batch], self.data.bank,
+                    params,
+                    features[batch],
+                    self.data.train_labels[batch],
+                    self.data.bank,
                     global_tensors,
                 )
                 optimizer.zero_grad(set_to_none=True)
@@ -111,6 +114,10 @@ class Client:
         self.personal = {key: params[key].detach().clone() for key in self.method.personal_keys}
         mean_loss = float(torch.stack(losses).mean()) if losses else 0.0
         return Update.from_params(
-            self.id, round, params, self.method.global_keys, self.data.num_train,
+            self.id,
+            round,
+            params,
+            self.method.global_keys,
+            self.data.num_train,
             {"loss": mean_loss},
         )

@@ -74,8 +74,12 @@ class Server:
             if reason is None:
                 accepted.append(update)
             else:
-                log.warning("round %d: dropped update of client %d: %s", update.round,
-                            update.client_id, reason)
+                log.warning(
+                    "round %d: dropped update of client %d: %s",
+                    update.round,
+                    update.client_id,
+                    reason,
+                )
                 rejected.append((update.client_id, reason))
         if accepted and self.method.global_keys:
             self.global_tensors = weighted_mean(accepted, self.method.global_keys)
