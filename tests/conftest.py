@@ -1,53 +1,13 @@
-"""Shared fixtures: a tiny CLIP architecture (random weights) and a tiny dataset on disk in
-CoOp's real layout, whose classes differ by colour so that a prompt can learn them."""
+"""Shared fixtures: the tiny dataset of ``tiny.py`` written once per session, and a private
+feature cache."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-
-TINY_CLASSES = [
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "purple",
-    "orange",
-    "white",
-    "black",
-    "pink",
-    "brown",
-]
-
-
-def write_tiny_dtd(
-    root: Path,
-    classes: list[str] = TINY_CLASSES,
-    train: int = 6,
-    test: int = 4,
-    size: int = 32,
-    seed: int = 0,
-) -> Path:
-    """A DTD-layout dataset (dtd/images/<class>/*.jpg + split_zhou_DescribableTextures.json)
-    whose class c is a noisy image of a colour unique to c."""
-    rng = np.random.default_rng(seed)
-    base = root / "dtd"
-    split: dict[str, list] = {"train": [], "val": [], "test": []}
-    for label, name in enumerate(classes):
-        folder = base / "images" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        colour = rng.integers(0, 256, size=3)
-        for i in range(train + test):
-            pixels = np.clip(colour + rng.normal(0, 20, size=(size, size, 3)), 0, 255)
-            rel = f"{name}/{name}_{i:03d}.jpg"
-            Image.fromarray(pixels.astype(np.uint8)).save(base / "images" / rel, quality=95)
-            split["train" if i < train else "test"].append([rel, label, name])
-    (base / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
-    return root
+from tiny import write_tiny_dtd
 
 
 @pytest.fixture(scope="session")
@@ -55,19 +15,11 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_dtd(tmp_path_factory.mktemp("data"))
 
 
-def tiny_overrides(data_root: Path, **extra: object) -> list[str]:
-    """--set overrides for a fast run on the tiny dataset and the tiny random CLIP."""
-    values = {
-        "dataset.name": "dtd",
-        "dataset.root": str(data_root),
-        "backbone.name": "fedpgp-tiny",
-        "backbone.pretrained": "null",
-        "num_clients": 2,
-        "shots": 4,
-        "rounds": 3,
-        "n_ctx": 4,
-        "rank": 2,
-        "local_epochs": 1,
-    }
-    values.update(extra)
-    return [f"{key}={value}" for key, value in values.items()]
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test (and every process it starts) caches image features in a temporary folder,
+    never in the user's cache."""
+    folder = tmp_path_factory.mktemp("feature-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDPGP_CACHE", str(folder))
+        yield folder

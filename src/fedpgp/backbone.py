@@ -24,6 +24,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision import transforms as T
 
@@ -153,13 +154,13 @@ def _resolve_tag(name: str, tag: str, cache_dir: str | None) -> Path:
                     model_id, candidate, cache_dir=cache_dir, local_files_only=True
                 )
                 return Path(local)
-            except Exception:  # noqa: BLE001 - any miss just means "not in the local cache"
+            except Exception:
                 continue
     if not _network_reachable():
         raise BackboneError(_offline_message(name, tag))
     try:
         return Path(open_clip.download_pretrained(cfg, cache_dir=cache_dir))
-    except Exception as exc:  # noqa: BLE001 - network libraries raise many kinds
+    except Exception as exc:
         raise BackboneError(f"{_offline_message(name, tag)} ({type(exc).__name__}: {exc})") from exc
 
 
@@ -186,13 +187,15 @@ def read_state_dict(path: Path, allow_torchscript: bool = False) -> dict[str, Te
                     f"{path} is a TorchScript archive, and loading one runs code from the file; "
                     f"set backbone.allow_torchscript=true if you trust it"
                 )
-            warnings.warn(f"loading TorchScript {path}: this executes code from the file")
+            warnings.warn(
+                f"loading TorchScript {path}: this executes code from the file", stacklevel=2
+            )
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except BackboneError:
         raise
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds on bad files
+    except Exception as exc:
         raise BackboneError(
             f"{path} is not a readable CLIP weights file ({type(exc).__name__}: {exc})"
         ) from exc
@@ -243,6 +246,8 @@ class FrozenCLIP(nn.Module):
         self.image_size = int(model.visual.image_size[0])
         self.mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
         self.std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
+        # Set by the run (config key ``precision``): bf16 autocast of the frozen encoders on CUDA.
+        self.autocast_dtype: torch.dtype | None = None
 
     @classmethod
     def load(cls, spec: BackboneSpec) -> FrozenCLIP:
@@ -282,7 +287,9 @@ class FrozenCLIP(nn.Module):
     @property
     def embed_dim(self) -> int:
         projection = self.text.text_projection
-        return int(projection.shape[1] if isinstance(projection, Tensor) else projection.out_features)
+        return int(
+            projection.shape[1] if isinstance(projection, Tensor) else projection.out_features
+        )
 
     @property
     def context_length(self) -> int:
@@ -304,7 +311,7 @@ class FrozenCLIP(nn.Module):
             return raw, eot
         ids = self.token_map[raw]
         if (ids < 0).any():
-            bad = [text for text, row in zip(texts, ids) if (row < 0).any()]
+            bad = [text for text, row in zip(texts, ids, strict=False) if (row < 0).any()]
             raise BackboneError(f"model '{self.name}' has no token for a word in: {bad[:5]}")
         return ids, eot
 
@@ -319,15 +326,16 @@ class FrozenCLIP(nn.Module):
         causal, so later positions cannot change any EOT feature.
         """
         length = int(eot_index.max()) + 1
-        x = embeddings[:, :length] + self.text.positional_embedding[:length]
-        mask = self.text.attn_mask
-        x = self.text.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
-        x = self.text.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot_index.to(x.device)]
-        projection = self.text.text_projection
-        if projection is not None:
-            x = projection(x) if isinstance(projection, nn.Module) else x @ projection
-        return F.normalize(x, dim=-1)
+        with self.autocast():
+            x = embeddings[:, :length] + self.text.positional_embedding[:length]
+            mask = self.text.attn_mask
+            x = self.text.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
+            x = self.text.ln_final(x)
+            x = x[torch.arange(x.shape[0], device=x.device), eot_index.to(x.device)]
+            projection = self.text.text_projection
+            if projection is not None:
+                x = projection(x) if isinstance(projection, nn.Module) else x @ projection
+        return F.normalize(x.float(), dim=-1)
 
     def encode_texts(self, texts: list[str]) -> Tensor:
         """L2-normalised features of plain texts, e.g. hand-crafted prompts."""
@@ -336,7 +344,38 @@ class FrozenCLIP(nn.Module):
 
     def encode_images(self, images: Tensor) -> Tensor:
         """L2-normalised image features of a batch of transformed images (N, 3, H, W)."""
-        return F.normalize(self.model.encode_image(images.to(self.device)), dim=-1)
+        with self.autocast():
+            features = self.model.encode_image(images.to(self.device))
+        return F.normalize(features.float(), dim=-1)
+
+    def encode_images_with_patches(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """L2-normalised pooled features (N, E) and patch features (N, P, E) of one image pass.
+
+        The patch tokens of the last block go through ``ln_post`` and the projection like the
+        pooled token, as FedOTP's code does; the pooled feature equals :meth:`encode_images`.
+        """
+        visual = self.model.visual
+        if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
+            raise BackboneError(
+                f"model '{self.name}' has no ViT image tower with a class token, so it has no "
+                f"patch features (FedOTP needs them)"
+            )
+        with self.autocast():
+            out = visual.forward_intermediates(
+                images.to(self.device), indices=1, normalize_intermediates=True, output_fmt="NLC"
+            )
+            patches = out["image_intermediates"][0]
+            if visual.proj is not None:
+                patches = patches @ visual.proj
+        pooled = F.normalize(out["image_features"].float(), dim=-1)
+        return pooled, F.normalize(patches.float(), dim=-1)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast of the frozen encoders to ``autocast_dtype`` on CUDA; prompt parameters and
+        the loss stay fp32. A no-op on the CPU or when ``autocast_dtype`` is None."""
+        if self.autocast_dtype is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast_dtype)
 
     def test_transform(self) -> T.Compose:
         """Resize the short side, center crop, normalise (METHOD.md section 2)."""
@@ -384,3 +423,69 @@ def _load_weights(model: nn.Module, state: dict[str, Tensor], path: Path, name: 
             f"check backbone.name (OpenAI weights need the '-quickgelu' names)"
         )
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
+# --- pretraining support (used by fedpgp.world) ---
+
+
+def build_token_map(texts: list[str], vocab_size: int) -> Tensor:
+    """A compact vocabulary for a model that reads only the words of ``texts``.
+
+    Returns ``token_map`` (int64, one entry per open_clip BPE id): padding -> 0, the BPE ids
+    used by ``texts`` -> 1, 2, ... in ascending BPE order, start-of-text -> ``vocab_size - 2``,
+    end-of-text -> ``vocab_size - 1`` (the largest id, so open_clip's argmax pooling still finds
+    it), every other id -> -1 (unknown; FrozenCLIP.tokenize rejects it).
+    """
+    tokenizer = open_clip.SimpleTokenizer()
+    words = sorted({i for text in texts for i in tokenizer.encode(text)})
+    if len(words) + 3 > vocab_size:
+        raise BackboneError(
+            f"the texts use {len(words)} BPE tokens; with padding, start and end of text they "
+            f"need vocab_size >= {len(words) + 3}, the model has {vocab_size}"
+        )
+    token_map = torch.full((tokenizer.vocab_size,), -1, dtype=torch.int64)
+    token_map[0] = 0
+    token_map[torch.tensor(words, dtype=torch.int64)] = torch.arange(1, len(words) + 1)
+    token_map[tokenizer.sot_token_id] = vocab_size - 2
+    token_map[tokenizer.eot_token_id] = vocab_size - 1
+    return token_map
+
+
+def tokenize_compact(name: str, texts: list[str], token_map: Tensor) -> Tensor:
+    """Token ids (N, context length of ``name``) of ``texts`` in the compact vocabulary."""
+    raw = open_clip.get_tokenizer(name)(texts)
+    ids = token_map[raw]
+    if (ids < 0).any():
+        bad = [text for text, row in zip(texts, ids, strict=False) if (row < 0).any()]
+        raise BackboneError(f"the compact vocabulary has no token for a word in: {bad[:5]}")
+    return ids
+
+
+def create_trainable_clip(name: str, seed: int) -> nn.Module:
+    """A randomly initialised open_clip model ``name`` (fp32, train mode), seeded by ``seed``."""
+    if name not in available_models():
+        raise BackboneError(f"unknown model '{name}'")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(name, pretrained=None, load_weights=False)
+    return model.float().train()
+
+
+def save_clip_weights(
+    model: nn.Module, path: Path, token_map: Tensor, metadata: dict[str, str] | None = None
+) -> str:
+    """Write the weights of ``model`` (fp16) and ``token_map`` to a safetensors file, atomically
+    (a temporary file in the same folder, then a rename). Returns the file's sha256."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    state["token_map"] = token_map.to(torch.int64).contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, str(temporary), metadata=metadata)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return _sha256_file(path)

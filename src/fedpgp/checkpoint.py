@@ -13,6 +13,10 @@ Each file is written to a temp file, fsynced and renamed; the JSON goes last and
 mark, so a tensor file without its JSON is an interrupted write and is never read. Older
 checkpoints are deleted only after the new JSON is in place. Nothing here unpickles: safetensors
 and JSON only.
+
+A checkpoint is read back only for the config it was written for (every key but the RELOCATABLE
+ones, which say where files lie) and for the same partition (whose digest covers the dataset's
+fingerprint); anything else is a CheckpointError, never a fresh start.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ log = logging.getLogger(__name__)
 FORMAT = "fedpgp-checkpoint"
 VERSION = 1
 FOLDER = "checkpoint"
-_NAME = re.compile(r"round-(\d{6})\.(json|safetensors)")
+_NAME = re.compile(r"round-\d{6}\.(json|safetensors)")
 
 
 @dataclass
@@ -87,16 +91,41 @@ def restore_rng(rng: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every dotted key whose value differs between two config dicts."""
-    changes = []
+# Keys that say where files are, not what the run computes: a run moved to another machine may
+# resume with other values. (Data identity is still checked, by the partition digest, which holds
+# the dataset's fingerprint.)
+RELOCATABLE = ("dataset.root", "cache_dir")
+
+
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], prefix: str = ""
+) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old value, new value) for every key that differs between config dicts."""
+    changes: dict[str, tuple[Any, Any]] = {}
     for key in sorted(set(old) | set(new), key=str):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, f"{prefix}{key}.")
+            changes.update(config_changes(a, b, f"{prefix}{key}."))
         elif a != b:
-            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+            changes[f"{prefix}{key}"] = (a, b)
     return changes
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """``key: old -> new; ...`` for an error message."""
+    return "; ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in changes.items())
+
+
+def run_digest(cfg: RunConfig) -> str:
+    """sha256 of the config without its RELOCATABLE keys: what a checkpoint must match."""
+    data = cfg.to_dict()
+    for key in RELOCATABLE:
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node[section]
+        node.pop(name, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -173,7 +202,7 @@ def save_checkpoint(run_dir: Path, state: RunState, cfg: RunConfig, partition_di
     write_bytes_atomic(folder / f"{stem}.safetensors", blob)
     body = {
         "round": state.round,
-        "config_digest": cfg.digest(),
+        "config_digest": run_digest(cfg),
         "config": cfg.to_dict(),
         "partition_digest": partition_digest,
         "tensor_bytes": len(blob),
@@ -209,7 +238,10 @@ def latest_checkpoint(run_dir: Path) -> Path:
         raise CheckpointError(
             f"{run_dir}: no checkpoint folder {folder}; there is nothing to resume"
         )
-    complete = sorted(p for p in folder.iterdir() if re.fullmatch(r"round-\d{6}\.json", p.name))
+    # A JSON file is the commit mark of its checkpoint; a tensor file alone is an interrupted write.
+    complete = sorted(
+        p for p in folder.iterdir() if p.suffix == ".json" and _NAME.fullmatch(p.name)
+    )
     if not complete:
         raise CheckpointError(
             f"{folder}: no complete checkpoint (round-NNNNNN.json); there is nothing to resume"
@@ -370,17 +402,19 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig) -> Checkpoint:
             raise CheckpointError(
                 f"checkpoint file {path}: holds round {stored_round}, its name says otherwise"
             )
-        if digest != cfg.digest():
+        if digest != run_digest(cfg):
             changes = config_changes(body["config"], cfg.to_dict())
+            for key in RELOCATABLE:
+                changes.pop(key, None)
             raise CheckpointError(
                 f"checkpoint file {path}: written for another config ("
-                f"{'; '.join(changes) or 'digest ' + digest[:16]}); refusing to mix states"
+                f"{describe_changes(changes) or 'digest ' + digest[:16]}); refusing to mix states"
             )
         tensors = _read_tensors(path.with_suffix(".safetensors"), body)
         state = _state_from(body, tensors)
         partition_digest = str(body["partition_digest"])
     except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (LookupError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint file {path}: malformed ({exc!r})") from exc
     return Checkpoint(path, state, partition_digest)

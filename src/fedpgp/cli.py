@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compare", help="several methods on one partition, over seeds")
     _add_config_args(comp)
     comp.add_argument(
-        "--methods", help="comma-separated (default: zeroshot,local,promptfl,fedprox,fedpgp)"
+        "--methods",
+        help="comma-separated (default: zeroshot,local,promptfl,fedprox,fedpgp,fedotp)",
     )
     comp.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     comp.add_argument("--out", help="output folder (default: runs/<time>-compare)")

@@ -14,12 +14,12 @@ from typing import Any
 from .atomic import write_bytes_atomic, write_text_atomic
 from .config import RunConfig, validate
 from .errors import ConfigError
-from .experiment import Experiment, build_experiment
+from .experiment import build_experiment
 from .federation.simulation import run_simulation, zero_shot_reference
-from .methods import METHODS, create_method
+from .methods import METHODS
 from .report import SUMMARY_KEYS, build_results, format_table, results_csv, results_json
 
-DEFAULT_METHODS = ("zeroshot", "local", "promptfl", "fedprox", "fedpgp")
+DEFAULT_METHODS = ("zeroshot", "local", "promptfl", "fedprox", "fedpgp", "fedotp")
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -49,14 +49,6 @@ def parse_seeds(text: str | None, default: int) -> list[int]:
     if any(s < 0 for s in seeds):
         raise ConfigError(f"--seeds: expected non-negative integers, got {text!r}")
     return seeds
-
-
-def with_method(experiment: Experiment, method: str) -> Experiment:
-    """The same frozen experiment driven by another method."""
-    cfg = validate(dataclasses.replace(experiment.cfg, method=method))
-    return dataclasses.replace(
-        experiment, cfg=cfg, method=create_method(cfg, experiment.backbone.logit_scale)
-    )
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -154,10 +146,13 @@ def compare(
     """Run every method for every seed; write each run's results and the comparison files."""
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for seed in seeds:
-        base = build_experiment(validate(dataclasses.replace(cfg, seed=seed)))
+        base = build_experiment(
+            validate(dataclasses.replace(cfg, seed=seed)),
+            patches=any(METHODS[m].needs_patches for m in methods),
+        )
         zeroshot = zero_shot_reference(base)
         for method in methods:
-            experiment = with_method(base, method)
+            experiment = base.with_method(method)
             outcome = run_simulation(experiment)
             results = build_results(experiment.cfg.to_dict(), outcome["rounds"], zeroshot)
             run_dir = out_dir / method / f"seed{seed}"

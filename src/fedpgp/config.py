@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -94,6 +95,8 @@ class RunConfig:
     optimizer_state: str = "fresh"
     label_space: str = "all"
     device: str = "auto"
+    precision: str = "auto"
+    cache_dir: str | None = None
     min_clients: int = 1
     client_timeout: float | None = None
     checkpoint_every: int = 1
@@ -121,7 +124,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as YAML, as a run directory's config.yaml holds it."""
+        # allow_unicode: PyYAML would escape characters beyond the BMP as surrogate pairs it
+        # cannot read back, and a resumed run would see another config.
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def digest(self) -> str:
         """sha256 of the resolved configuration, for checkpoints and caches."""
@@ -135,6 +141,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer_state": ("fresh", "shared"),
     "label_space": ("all", "client"),
     "device": ("auto", "cpu", "cuda"),
+    "precision": ("auto", "fp32"),
     "partition.kind": ("pathological", "dirichlet", "hierarchical", "domain"),
     "partition.classes": ("base", "all"),
     "fedotp.ot": ("cot", "sinkhorn"),
@@ -288,6 +295,22 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading ``1e-5`` as a float: YAML 1.1 wants ``1.0e-5``, and
+    a learning rate written the usual way would otherwise be the string '1e-5'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set rounds=2")
@@ -296,7 +319,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"--set {item!r}: the key is empty")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except Exception:
         # Not parseable as YAML (an unbalanced bracket, an impossible date: PyYAML raises
         # ValueError and others besides YAMLError): the text itself is the value.
@@ -322,7 +345,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file; ConfigError naming the file if it is not one."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -71,10 +71,19 @@ def evaluate_client(
     novel: EvalSet | None,
 ) -> dict[str, float | None]:
     """Local, Base and Novel accuracy of one client's prediction context."""
-    return {
-        "local": accuracy(method, params, local.features, local.labels, local.bank),
-        "base": accuracy(method, params, base.features, base.labels, base.bank),
-        "novel": None
-        if novel is None
-        else accuracy(method, params, novel.features, novel.labels, novel.bank),
-    }
+    sets = {"local": local, "base": base, "novel": novel}
+    present = {name: s for name, s in sets.items() if s is not None and len(s) > 0}
+    results: dict[str, float | None] = dict.fromkeys(sets)
+    # Sets that share a bank (Local and Base when the label space is all base classes) are
+    # predicted in one call, so the bank's classes are encoded once.
+    by_bank: dict[int, list[str]] = {}
+    for name, s in present.items():
+        by_bank.setdefault(id(s.bank), []).append(name)
+    for names in by_bank.values():
+        features = torch.cat([present[n].features for n in names])
+        with torch.no_grad():
+            predicted = method.predict(params, present[names[0]].bank, features)
+        sizes = [len(present[n]) for n in names]
+        for name, chunk in zip(names, predicted.split(sizes), strict=True):
+            results[name] = float((chunk == present[name].labels).float().mean()) * 100.0
+    return results

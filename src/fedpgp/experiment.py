@@ -6,6 +6,7 @@ Both runtimes build an Experiment; a Flower node builds it for its own partition
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,10 +17,10 @@ import torch
 from torch import Tensor
 
 from .backbone import BackboneSpec, FrozenCLIP
-from .config import RunConfig
+from .config import RunConfig, validate
 from .data import load_dataset
-from .data.datasets import DatasetSplits
-from .data.features import encode_images, encode_views
+from .data.datasets import DatasetSplits, ImageSource
+from .data.features import FeatureCache, OnlineViews, Transform
 from .data.partition import PartitionManifest, make_partition
 from .errors import ConfigError
 from .evaluation import EvalSet
@@ -78,8 +79,23 @@ def _relabel(labels: np.ndarray, positions: dict[int, int]) -> Tensor:
 
 
 @dataclass
+class FeatureSets:
+    """The test sets and every client's data, with one kind of image feature."""
+
+    base: EvalSet
+    novel: EvalSet | None
+    client_data: dict[int, ClientData]
+
+
+@dataclass
 class Experiment:
-    """The frozen world of one run. ``client_data[i]`` exists for every client built."""
+    """The frozen world of one run. ``client_data[i]`` exists for every client built.
+
+    ``base``, ``novel`` and ``client_data`` hold the features ``method`` reads: pooled image
+    features, or patch features for a method that ``needs_patches``. An experiment built with
+    patches keeps both kinds in ``feature_sets`` ("pooled", "patches"), so that
+    :meth:`with_method` can hand it to any method.
+    """
 
     cfg: RunConfig
     backbone: FrozenCLIP
@@ -89,6 +105,29 @@ class Experiment:
     base: EvalSet
     novel: EvalSet | None
     client_data: dict[int, ClientData] = field(default_factory=dict)
+    feature_sets: dict[str, FeatureSets] = field(default_factory=dict)
+
+    def with_method(self, name: str) -> Experiment:
+        """The same frozen experiment driven by method ``name`` (the config re-validated), with
+        the kind of features that method reads."""
+        cfg = validate(dataclasses.replace(self.cfg, method=name))
+        method = create_method(cfg, self.backbone.logit_scale)
+        sets = self.feature_sets.get("patches" if method.needs_patches else "pooled")
+        if sets is None:
+            if method.needs_patches:
+                raise ConfigError(
+                    f"method: {name} needs patch features, and this experiment was built "
+                    f"without them (build_experiment(..., patches=True))"
+                )
+            return dataclasses.replace(self, cfg=cfg, method=method)
+        return dataclasses.replace(
+            self,
+            cfg=cfg,
+            method=method,
+            base=sets.base,
+            novel=sets.novel,
+            client_data=sets.client_data,
+        )
 
     def initial_global(self) -> Tensors:
         """The server's starting GLOBAL tensors, from the run seed."""
@@ -103,11 +142,16 @@ class Experiment:
         return {k: v.to(self.backbone.device) for k, v in tensors.items()}
 
 
-def build_experiment(cfg: RunConfig, clients: Sequence[int] | None = None) -> Experiment:
+def build_experiment(
+    cfg: RunConfig, clients: Sequence[int] | None = None, patches: bool | None = None
+) -> Experiment:
     """Load, partition and encode everything ``cfg`` needs; ``clients`` limits which clients'
-    data is built (all by default)."""
+    data is built (all by default). ``patches`` adds patch features (by default when the
+    config's method needs them)."""
     device = resolve_device(cfg.device)
     backbone = FrozenCLIP.load(backbone_spec(cfg)).to(device)
+    if cfg.precision == "auto":
+        backbone.autocast_dtype = torch.bfloat16
     splits = load_dataset(cfg.dataset.name, cfg.dataset.root, **cfg.dataset.options)
     manifest = build_manifest(cfg, splits)
     method = create_method(cfg, backbone.logit_scale)
@@ -123,9 +167,11 @@ def build_experiment(cfg: RunConfig, clients: Sequence[int] | None = None) -> Ex
         | {i for c in wanted for i in manifest.clients[c].test}
     )
     test_row = {index: row for row, index in enumerate(test_indices)}
-    encoder = backbone.encode_images
-    test_features = encode_images(
-        encoder, splits.test.images, test_indices, backbone.test_transform()
+    cache = FeatureCache(cfg.cache_dir)
+    encoder, encoder_id = backbone.encode_images, feature_identity(backbone)
+    # One encoding of every test image the run needs, shared by all clients and metrics.
+    test_features = cache.features(
+        encoder, encoder_id, splits.test.images, test_indices, backbone.test_transform()
     ).to(device)
 
     def test_set(indices: Sequence[int], bank: PromptBank, positions: dict[int, int]) -> EvalSet:
@@ -141,18 +187,23 @@ def build_experiment(cfg: RunConfig, clients: Sequence[int] | None = None) -> Ex
 
     train_indices = sorted({i for c in wanted for i in manifest.clients[c].train})
     train_row = {index: row for row, index in enumerate(train_indices)}
+    train_images = splits.train.images
     if cfg.augment == "views":
-        train_features = encode_views(
+        train_features = cache.views(
             encoder,
-            splits.train.images,
+            encoder_id,
+            train_images,
             train_indices,
             backbone.train_transform(),
             cfg.num_views,
         )
-    else:
-        train_features = encode_images(
-            encoder, splits.train.images, train_indices, backbone.test_transform()
+    elif cfg.augment == "none":
+        train_features = cache.features(
+            encoder, encoder_id, train_images, train_indices, backbone.test_transform()
         ).unsqueeze(0)
+    else:
+        # augment: online encodes every batch afresh in the step; nothing is stored.
+        train_features = torch.empty(0, len(train_indices), backbone.embed_dim)
     train_features = train_features.to(device)
 
     experiment = Experiment(cfg, backbone, method, splits, manifest, base, novel)
@@ -169,7 +220,13 @@ def build_experiment(cfg: RunConfig, clients: Sequence[int] | None = None) -> Ex
             train_features=train_features[:, rows],
             train_labels=_relabel(splits.train.labels[part.train], positions).to(device),
             local=local,
+            online=OnlineViews(encoder, train_images, part.train, backbone.train_transform())
+            if cfg.augment == "online"
+            else None,
         )
+    with_patches = method.needs_patches if patches is None else patches
+    if with_patches:
+        _add_patch_sets(experiment, cache, test_indices, train_indices)
     log.info(
         "experiment: %d train images, %d test images encoded, backbone %s",
         len(train_indices),
@@ -177,6 +234,86 @@ def build_experiment(cfg: RunConfig, clients: Sequence[int] | None = None) -> Ex
         backbone.identity,
     )
     return experiment
+
+
+def _add_patch_sets(
+    experiment: Experiment,
+    cache: FeatureCache,
+    test_indices: Sequence[int],
+    train_indices: Sequence[int],
+) -> None:
+    """Give ``experiment`` a second view of its test sets and clients with patch features
+    (n, P, E), kept in float16, from cache entries of their own; make it the active view when
+    the experiment's method reads patches."""
+    cfg, backbone, splits = experiment.cfg, experiment.backbone, experiment.splits
+    device, width = backbone.device, backbone.embed_dim
+    encoder_id = f"{feature_identity(backbone)}/patches"
+
+    def encoder(images: Tensor) -> Tensor:
+        return backbone.encode_images_with_patches(images)[1]
+
+    def encoded(
+        images: ImageSource, indices: Sequence[int], transform: Transform, view: int | None = None
+    ) -> Tensor:
+        if not indices:
+            return torch.empty(0, 0, width, dtype=torch.float16, device=device)
+        # The cache stores (n, E) rows: one image's patches flattened into a row.
+        flat = cache.features(
+            lambda x: encoder(x).flatten(1), encoder_id, images, indices, transform, view
+        )
+        return flat.view(len(indices), -1, width).to(device, torch.float16)
+
+    test = encoded(splits.test.images, test_indices, backbone.test_transform())
+    test_row = {index: row for row, index in enumerate(test_indices)}
+
+    def swap(pooled: EvalSet, indices: Sequence[int]) -> EvalSet:
+        rows = torch.tensor([test_row[i] for i in indices], dtype=torch.long, device=device)
+        return dataclasses.replace(pooled, features=test[rows])
+
+    train_images = splits.train.images
+    if cfg.augment == "views":
+        transform = backbone.train_transform()
+        train = torch.stack(
+            [encoded(train_images, train_indices, transform, v) for v in range(cfg.num_views)]
+        )
+    elif cfg.augment == "none":
+        train = encoded(train_images, train_indices, backbone.test_transform()).unsqueeze(0)
+    else:
+        train = torch.empty(0, len(train_indices), 0, width, device=device)
+    train_row = {index: row for row, index in enumerate(train_indices)}
+
+    manifest = experiment.manifest
+    client_data = {}
+    for cid, data in experiment.client_data.items():
+        part = manifest.clients[cid]
+        rows = torch.tensor([train_row[i] for i in part.train], dtype=torch.long, device=device)
+        online = None
+        if data.online is not None:
+            online = OnlineViews(encoder, train_images, part.train, backbone.train_transform())
+        client_data[cid] = dataclasses.replace(
+            data, train_features=train[:, rows], local=swap(data.local, part.test), online=online
+        )
+    novel = experiment.novel
+    experiment.feature_sets = {
+        "pooled": FeatureSets(experiment.base, novel, experiment.client_data),
+        "patches": FeatureSets(
+            swap(experiment.base, manifest.base_test),
+            None if novel is None else swap(novel, manifest.novel_test),
+            client_data,
+        ),
+    }
+    if experiment.method.needs_patches:
+        active = experiment.feature_sets["patches"]
+        experiment.base, experiment.novel = active.base, active.novel
+        experiment.client_data = active.client_data
+
+
+def feature_identity(backbone: FrozenCLIP) -> str:
+    """What image features depend on besides the transform and the images: the weights, and
+    the precision they were computed in (bf16 autocast on CUDA gives other numbers)."""
+    autocast = backbone.autocast_dtype is not None and backbone.device.type == "cuda"
+    precision = str(backbone.autocast_dtype).removeprefix("torch.") if autocast else "float32"
+    return f"{backbone.identity}/{precision}"
 
 
 def write_manifest(experiment: Experiment, out_dir: Path) -> Path:

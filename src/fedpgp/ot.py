@@ -32,6 +32,15 @@ def marginals(settings: FedOTPConfig, patches: int, prompts: int) -> tuple[float
     return 1.0 / patches, mass / prompts
 
 
+def _patch_scaling(kernel: Tensor, v: Tensor, a: float, cot: bool) -> Tensor:
+    """u = a / (K v), capped at 1 for COT: kernel (N, R, M), v (N, R, 1) -> (R, M)."""
+    kv = kernel[0] * v[0]
+    for k_n, v_n in zip(kernel[1:], v[1:], strict=True):
+        kv.addcmul_(k_n, v_n)
+    u = kv.reciprocal_().mul_(a)
+    return u.clamp_(max=1.0) if cot else u
+
+
 @torch.no_grad()
 def transport_plan(sim: Tensor, settings: FedOTPConfig) -> Tensor:
     """The plan T (..., M, N) for similarities ``sim`` (..., M, N), batched over the leading
@@ -39,31 +48,35 @@ def transport_plan(sim: Tensor, settings: FedOTPConfig) -> Tensor:
 
     The iterations run in float64: at the authors' eps = 0.01, K = exp(-cost / eps) reaches
     exp(-200), which float32 flushes to zero (turning v into inf and T into NaN) for any
-    similarity below about -0.03. A NaN plan (possible with a tiny eps) is a ConfigError.
+    similarity below about -0.03, and its subnormal range is slow on CPUs. A NaN plan (still
+    possible with a tiny eps) is a ConfigError.
     """
-    a, b = marginals(settings, sim.shape[-2], sim.shape[-1])
-    kernel = torch.exp((sim.detach().double() - 1.0) / settings.eps)
-    kernel_t = kernel.transpose(-1, -2)
-    u = kernel.new_ones(sim.shape[:-1])
-    v = kernel.new_ones(sim.shape[:-2] + sim.shape[-1:])
-    active = torch.ones((*sim.shape[:-2], 1), dtype=torch.bool, device=sim.device)
+    *batch, patches, prompts = sim.shape
+    a, b = marginals(settings, patches, prompts)
+    cot = settings.ot == "cot"
+    # Problems as rows, prompt-major (N, R, M): every product runs along contiguous patches.
+    rows = sim.detach().double().reshape(-1, patches, prompts).permute(2, 0, 1).contiguous()
+    kernel = torch.exp((rows - 1.0) / settings.eps)
+    v = kernel.new_ones(prompts, rows.shape[1], 1)
+    # u of an iteration is a function of the previous v: keeping that v (v_prev) instead of u
+    # makes freezing a converged problem cheap; u is rebuilt from it at the end.
+    v_prev = v
+    active = torch.ones(rows.shape[1], 1, dtype=torch.bool, device=sim.device)
     for _ in range(settings.max_iter):
-        u_next = a / (kernel @ v.unsqueeze(-1)).squeeze(-1)
-        if settings.ot == "cot":
-            u_next = u_next.clamp(max=1.0)
-        v_next = b / (kernel_t @ u_next.unsqueeze(-1)).squeeze(-1)
-        change = (v_next - v).abs().mean(dim=-1, keepdim=True)
-        u = torch.where(active, u_next, u)
+        u = _patch_scaling(kernel, v, a, cot)
+        v_next = (kernel * u).sum(dim=-1, keepdim=True).reciprocal_().mul_(b)
+        change = (v_next - v).abs_().mean(dim=0)
+        v_prev = torch.where(active, v, v_prev)
         v = torch.where(active, v_next, v)
         # A NaN change compares False and stops its problem; the check below reports it.
         active &= change >= settings.thresh
         if not bool(active.any()):
             break
-    plan = u.unsqueeze(-1) * kernel * v.unsqueeze(-2)
+    plan = kernel * _patch_scaling(kernel, v_prev, a, cot) * v
     if not bool(torch.isfinite(plan).all()):
         raise ConfigError(
             f"FedOTP transport plan has NaN or inf entries (ot={settings.ot}, "
             f"eps={settings.eps}): K = exp(-cost / eps) underflows for this eps; raise "
             f"fedotp.eps, or change fedotp.thresh / fedotp.max_iter"
         )
-    return plan.to(sim.dtype)
+    return plan.permute(1, 2, 0).reshape(*batch, patches, prompts).to(sim.dtype)

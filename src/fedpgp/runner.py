@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomic
-from .checkpoint import FOLDER, RunState, config_changes, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    FOLDER,
+    RELOCATABLE,
+    RunState,
+    config_changes,
+    describe_changes,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import RunConfig, apply_overrides, config_from_dict, load_config, read_yaml
 from .errors import CheckpointError, ConfigError
 from .experiment import Experiment, build_experiment, write_manifest
@@ -100,7 +108,8 @@ def resumed_config(
     run_dir: Path, config_path: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> RunConfig:
     """The config of the run in ``run_dir`` (its config.yaml). ``--config``/``--set`` may only
-    repeat it: a change is a ConfigError listing the changed keys."""
+    repeat it, except for the RELOCATABLE keys (where the data and caches are now); any other
+    change is a ConfigError listing the changed keys."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise CheckpointError(f"--resume {run_dir}: no {saved_path}; not a fedpgp run directory")
@@ -113,13 +122,15 @@ def resumed_config(
     else:
         requested = config_from_dict(apply_overrides(copy.deepcopy(saved), list(overrides)))
     changes = config_changes(cfg.to_dict(), requested.to_dict())
-    if changes:
+    refused = {key: change for key, change in changes.items() if key not in RELOCATABLE}
+    if refused:
         given = "--config/--set" if config_path is not None else "--set"
         raise ConfigError(
-            f"--resume {run_dir}: {given} would change the run's config ({'; '.join(changes)}); "
-            f"a resumed run keeps {saved_path} unchanged"
+            f"--resume {run_dir}: {given} would change the run's config "
+            f"({describe_changes(refused)}); a resumed run keeps {saved_path} unchanged, "
+            f"except for {', '.join(RELOCATABLE)}"
         )
-    return cfg
+    return requested
 
 
 def resume(
@@ -134,7 +145,13 @@ def resume(
     started = time.perf_counter()
     experiment = build_experiment(cfg)
     checkpoint.check_fits(experiment)
+    saved_path = run_dir / "config.yaml"
+    moved = config_changes(config_from_dict(read_yaml(saved_path)).to_dict(), cfg.to_dict())
     with run_log(run_dir):
+        if moved:
+            # Only RELOCATABLE keys can differ here (resumed_config refused the others).
+            write_text_atomic(saved_path, cfg.to_yaml())
+            log.info("config.yaml updated on resume: %s", describe_changes(moved))
         log.info(
             "resuming from %s after round %d of %d",
             checkpoint.path,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from tiny import tiny_overrides
 
 from fedpgp.cli import main
 from fedpgp.config import load_config

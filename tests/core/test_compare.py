@@ -7,7 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
-from conftest import tiny_overrides
+from tiny import tiny_overrides
 from PIL import Image
 
 from fedpgp.cli import main

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from tiny import tiny_overrides
 from safetensors.torch import save
 
 from fedpgp.config import load_config

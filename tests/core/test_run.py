@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from tiny import tiny_overrides
 
 from fedpgp.config import load_config
 from fedpgp.evaluation import summarize

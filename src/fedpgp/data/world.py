@@ -5,7 +5,8 @@ under one style (a colour cast, low contrast, blur, noise, ...), drawn once from
 so that the styles are spread evenly over the base classes; novel classes stay clean, as the
 world looked in pretraining. The style is thus a function of the class, and every client of a
 label partition sees the styles of the classes it owns, in training and in its local test set;
-``domains`` holds the style id of every image and ``domain_names`` names them.
+``domains`` holds the style id of every image and ``domain_names`` names the styles in use
+(``"clean"`` first).
 """
 
 from __future__ import annotations
@@ -105,5 +106,5 @@ def load_world(
         train=split("train", train_per_class),
         test=split("test", test_per_class),
         val=split("val", val_per_class) if val_per_class else None,
-        domain_names=list(STYLE_NAMES),
+        domain_names=list(STYLE_NAMES[: styles + 1]),
     )

@@ -8,21 +8,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..data.features import OnlineViews
 from ..evaluation import EvalSet
 from ..methods import Method, Tensors
 from ..prompts import PromptBank
-from ..seeding import torch_generator
+from ..seeding import derive_seed, torch_generator
 from .update import Update
 
 
 @dataclass
 class ClientData:
     """Frozen image features of one client. ``train_features`` is (views, n, E); labels index
-    into ``local.bank``, the client's label space (all base classes, or its own)."""
+    into ``local.bank``, the client's label space (all base classes, or its own). With
+    ``online`` set (``augment: online``) every batch is augmented and encoded afresh instead,
+    and ``train_features`` holds no view."""
 
     train_features: Tensor
     train_labels: Tensor
     local: EvalSet
+    online: OnlineViews | None = None
 
     @property
     def bank(self) -> PromptBank:
@@ -86,23 +90,30 @@ class Client:
         """Every tensor this client predicts with: the GLOBAL ones and its own PERSONAL ones."""
         return {**global_tensors, **self.personal}
 
+    def _batch_features(self, batch: Tensor, round: int, epoch: int, step: int) -> Tensor:
+        """Image features of ``batch``: the stored view of this epoch (a fresh crop per epoch
+        when views cover the run), or a fresh encoding for ``augment: online``."""
+        if self.data.online is not None:
+            seed = derive_seed(self.seed, "augment", round, self.id, epoch, step)
+            return self.data.online(batch.cpu(), seed)
+        views = self.data.train_features
+        return views[(round * self.method.cfg.local_epochs + epoch) % views.shape[0]][batch]
+
     def train(self, global_tensors: Mapping[str, Tensor], round: int) -> Update:
         """One local round (``local_epochs`` passes over the client's data)."""
         cfg = self.method.cfg
         if not self.method.trains:
             return Update.from_params(self.id, round, {}, (), self.data.num_train, {})
         params, optimizer = self.optimizers.prepare(self.params(global_tensors))
-        device = self.data.train_features.device
-        views = self.data.train_features.shape[0]
+        device = self.data.train_labels.device
         order_rng = torch_generator(self.seed, "order", round, self.id)
         losses = []
         for epoch in range(cfg.local_epochs):
-            features = self.data.train_features[(round * cfg.local_epochs + epoch) % views]
-            order = torch.randperm(self.data.num_train, generator=order_rng).to(device)
-            for batch in order.split(cfg.train_batch_size):
+            order = torch.randperm(self.data.num_train, generator=order_rng)
+            for step, batch in enumerate(order.to(device).split(cfg.train_batch_size)):
                 loss = self.method.loss(
                     params,
-                    features[batch],
+                    self._batch_features(batch, round, epoch, step),
                     self.data.train_labels[batch],
                     self.data.bank,
                     global_tensors,

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ..checkpoint import RunState, capture_rng, restore_rng
 from ..evaluation import evaluate_client, summarize
 from ..experiment import Experiment
-from ..methods import Method, create_method
+from ..methods import Method
 from .client import Client, ClientData, Optimizers
 from .faults import screen_replies, train_or_fault
 from .server import Server
@@ -54,10 +54,11 @@ def evaluate_clients(
 
 
 def zero_shot_reference(experiment: Experiment) -> dict:
-    """CLIP zero-shot's numbers on the same clients and test sets (nothing trained)."""
-    method = create_method(experiment.cfg, experiment.backbone.logit_scale, name="zeroshot")
-    params = {cid: {} for cid in experiment.client_data}
-    return summarize(evaluate_clients(experiment, method, params, experiment.client_data))
+    """CLIP zero-shot's numbers on the same clients and test sets (nothing trained), on pooled
+    features whatever the experiment's method reads."""
+    zeroshot = experiment.with_method("zeroshot")
+    params = {cid: {} for cid in zeroshot.client_data}
+    return summarize(evaluate_clients(zeroshot, zeroshot.method, params, zeroshot.client_data))
 
 
 def capture_state(
@@ -84,7 +85,7 @@ def restore_state(
     # the position of each tensor in {**global, **personal}.
     server.global_tensors = {k: state.global_tensors[k].to(device) for k in server.global_tensors}
     for client in clients:
-        saved = state.personal[client.id]
+        saved = state.personal.get(client.id, {})  # methods without PERSONAL tensors save none
         client.personal = {k: saved[k].to(device) for k in client.personal}
     if state.optimizer:
         # The shared optimizer exists once any client trained; build it, then load its state.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config import RunConfig
 from ..errors import ConfigError
 from .base import Method, Tensors
+from .fedotp import FedOTP
 from .fedpgp import FedPGP
 from .fedprox import FedProx
 from .local import Local
@@ -12,7 +13,7 @@ from .promptfl import PromptFL
 from .zeroshot import ZeroShot
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (ZeroShot, Local, PromptFL, FedProx, FedPGP)
+    cls.name: cls for cls in (ZeroShot, Local, PromptFL, FedProx, FedPGP, FedOTP)
 }
 
 

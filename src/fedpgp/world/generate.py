@@ -66,9 +66,15 @@ def class_names(count: int = MAX_CLASSES) -> list[str]:
 
 
 def held_out_labels() -> list[int]:
-    """Labels held out of pretraining: ``k mod 5 == (k // 5) mod 5``, 18 of the 90 classes,
-    9 base and 9 novel; every colour, shape and pattern still appears in the seen classes."""
-    return [k for k in range(MAX_CLASSES) if k % 5 == (k // 5) % 5]
+    """Labels held out of pretraining: those whose part indices satisfy
+    ``(colour + 2 * shape + pattern) mod 5 == 2``. That is 18 of the 90 classes, 9 base and 9
+    novel, 3 per colour, 3 or 4 per shape, 6 per pattern; every part also appears in seen ones."""
+    held_out = []
+    for label in range(MAX_CLASSES):
+        item = concept(label)
+        if (item.colour + 2 * item.shape + item.pattern) % 5 == 2:
+            held_out.append(label)
+    return held_out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +186,7 @@ def render_concept(item: Concept, rng: np.random.Generator, size: int) -> np.nda
 def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
     if sigma <= 0:
         return image
-    radius = max(1, int(math.ceil(2.5 * sigma)))
+    radius = max(1, math.ceil(2.5 * sigma))
     offsets = np.arange(-radius, radius + 1)
     kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
     kernel /= kernel.sum()

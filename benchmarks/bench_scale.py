@@ -1,0 +1,289 @@
+"""Scaling with the number of clients: time per round and memory per client.
+
+The tiny backbone (fedpgp-tiny, random weights) on one fixed CIFAR-10-sized synthetic dataset
+(10 classes, 5 base; 2000 training and 1000 test images per class, 16 px), Dirichlet-split
+(beta 1000, nearly uniform) over 10, 100 and 1000 clients with frac 0.1, so every client holds
+1/K of the data. Each case runs in its own process:
+
+- time per round: rounds 1..R (round 0 trains every client by the protocol; it is not timed),
+  each the library's sampling, local training (2 epochs, batch 32) and aggregation; no
+  evaluation. The authors' loop runs the same sampled clients with their step (image encoder on
+  the batch, four full-length text passes) plus their per-round copy of every client's prompt
+  weights. A control case, 1000 clients with frac 0.01, samples as many clients as the
+  100-client case: equal times there mean an unsampled client costs nothing per round.
+- memory per client: resident memory after building the experiment and all clients; between
+  100 and 1000 clients the data is the same (only split finer), so the difference over the 900
+  extra clients is what a client costs beyond its data (goal: at most 64 KB).
+
+    python benchmarks/bench_scale.py [--clients 10 100 1000] [--rounds 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from benchlib import (
+    AuthorsPrompts,
+    authors_step_loss,
+    register_synthetic,
+    report,
+    set_threads,
+)
+
+from fedpgp.config import RunConfig
+from fedpgp.experiment import Experiment, build_experiment
+from fedpgp.federation.client import Client
+from fedpgp.federation.server import Server
+from fedpgp.federation.simulation import build_clients
+
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+DATASET = "bench-scale-cifar10"
+TRAIN_PER_CLASS, TEST_PER_CLASS, IMAGE_SIZE = 2000, 1000, 16
+BUDGET = 64 * 1024
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per case")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--worker", nargs=2, metavar=("K", "FRAC"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory, after returning freed heap memory to the system."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def client_bytes(experiment: Experiment) -> int:
+    """Bytes of every client's own data tensors (features and labels)."""
+    total = 0
+    for data in experiment.client_data.values():
+        for tensor in (
+            data.train_features,
+            data.train_labels,
+            data.local.features,
+            data.local.labels,
+        ):
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class AuthorsRound:
+    """The authors' round for the sampled clients, on transformed image tensors."""
+
+    def __init__(self, experiment: Experiment) -> None:
+        self.experiment = experiment
+        backbone, manifest = experiment.backbone, experiment.manifest
+        names = [experiment.splits.classnames[c] for c in manifest.base_classes]
+        self.prompts = AuthorsPrompts.build(backbone, names, experiment.cfg.n_ctx)
+        self.transform = backbone.test_transform()
+        # Their server keeps every client's prompt weights and loads them each round.
+        personal = experiment.initial_personal(0)
+        self.weights = {
+            cid: {k: v.clone() for k, v in personal.items()} for cid in experiment.client_data
+        }
+        self.learner = {k: v.clone() for k, v in personal.items()}
+
+    def images(self, cid: int) -> torch.Tensor:
+        train = self.experiment.splits.train.images
+        return torch.stack(
+            [self.transform(train[i]) for i in self.experiment.manifest.clients[cid].train]
+        )
+
+    def run(
+        self, sampled: list[int], images: dict[int, torch.Tensor], sigma: torch.Tensor, round: int
+    ) -> None:
+        cfg, backbone = self.experiment.cfg, self.experiment.backbone
+        for cid in sampled:
+            leaves = [sigma.clone().requires_grad_(True)] + [
+                self.weights[cid][k].clone().requires_grad_(True) for k in ("U", "V")
+            ]
+            optimizer = torch.optim.SGD(
+                leaves, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+            labels = self.experiment.client_data[cid].train_labels
+            generator = torch.Generator().manual_seed(round * 100003 + cid)
+            for _ in range(cfg.local_epochs):
+                for batch in torch.randperm(len(labels), generator=generator).split(
+                    cfg.train_batch_size
+                ):
+                    loss = authors_step_loss(
+                        backbone,
+                        self.prompts,
+                        images[cid][batch],
+                        labels[batch],
+                        *leaves,
+                        cfg.mu,
+                        cfg.tau,
+                    )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+            self.weights[cid] = {"U": leaves[1].detach(), "V": leaves[2].detach()}
+        for cid in self.weights:  # load_state_dict of every client, every round
+            for key, value in self.weights[cid].items():
+                self.learner[key].copy_(value)
+
+
+def worker(num_clients: int, frac: float, rounds: int) -> dict:
+    register_synthetic(DATASET, CIFAR10, TRAIN_PER_CLASS, TEST_PER_CLASS, IMAGE_SIZE)
+    with tempfile.TemporaryDirectory() as root:
+        cfg = RunConfig(
+            method="fedpgp",
+            num_clients=num_clients,
+            frac=frac,
+            shots=None,
+            batch_size=32,
+            local_epochs=2,
+            rounds=rounds + 1,
+            device="cpu",
+        )
+        cfg.dataset.name, cfg.dataset.root = DATASET, root
+        cfg.backbone.name, cfg.backbone.pretrained = "fedpgp-tiny", None
+        cfg.partition.kind, cfg.partition.beta, cfg.partition.min_samples = "dirichlet", 1e3, 1
+        baseline = resident_bytes()
+        experiment = build_experiment(cfg)
+    server = Server(experiment.method, experiment.initial_global(), num_clients, cfg.seed)
+    clients: list[Client] = build_clients(experiment)
+    resident = resident_bytes()
+    authors = AuthorsRound(experiment)
+    ours_cpu, authors_cpu, sampled_counts, steps = [], [], [], []
+    for round in range(1, rounds + 1):
+        sampled = server.sample(round)
+        sampled_counts.append(len(sampled))
+        steps.append(
+            sum(
+                cfg.local_epochs * -(-clients[c].data.num_train // cfg.train_batch_size)
+                for c in sampled
+            )
+        )
+        images = {cid: authors.images(cid) for cid in sampled}
+        start = time.process_time()
+        authors.run(sampled, images, server.global_tensors["sigma"], round)
+        authors_cpu.append(time.process_time() - start)
+        start = time.process_time()
+        server.aggregate([clients[c].train(server.global_tensors, round) for c in sampled])
+        ours_cpu.append(time.process_time() - start)
+    return {
+        "clients": num_clients,
+        "frac": frac,
+        "sampled": sum(sampled_counts) / rounds,
+        "steps": sum(steps) / rounds,
+        "ours_s": sum(ours_cpu) / rounds,
+        "authors_s": sum(authors_cpu) / rounds,
+        "resident": resident - baseline,
+        "data": client_bytes(experiment),
+    }
+
+
+def run_case(num_clients: int, frac: float, args: argparse.Namespace) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        str(num_clients),
+        str(frac),
+        "--rounds",
+        str(args.rounds),
+        "--threads",
+        str(args.threads),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"case K={num_clients}, frac={frac} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    set_threads(args.threads)
+    if args.worker:
+        print(json.dumps(worker(int(args.worker[0]), float(args.worker[1]), args.rounds)))
+        return 0
+    started = time.perf_counter()
+    cases = [(k, 0.1) for k in args.clients]
+    largest = max(args.clients)
+    if len(args.clients) > 1:
+        # As many sampled clients as the second-largest case, out of the largest population.
+        second = max(k for k in args.clients if k != largest)
+        control = (largest, 0.1 * second / largest)
+        cases.append(control)
+    results = {case: run_case(*case, args) for case in cases}
+
+    rows, ratios = [], {}
+    for (k, frac), r in results.items():
+        name = f"K={k}" if frac == 0.1 else f"K={k}, frac={frac:g}"
+        ratios[name] = round(r["authors_s"] / r["ours_s"], 2)
+        rows.append(
+            [
+                name,
+                f"{r['sampled']:g}",
+                f"{r['steps']:g}",
+                f"{r['ours_s']:.3f}",
+                f"{1000 * r['ours_s'] / r['steps']:.1f}",
+                f"{r['authors_s']:.3f}",
+                f"{r['resident'] / 2**20:.1f}",
+                f"{r['data'] / 2**20:.1f}",
+            ]
+        )
+    main_cases = sorted(k for k, f in results if f == 0.1)
+    per_client = None
+    notes = [
+        f"fedpgp-tiny, {torch.get_num_threads()} thread(s); CIFAR-10-sized synthetic data, "
+        f"Dirichlet beta 1000; n_ctx 16, rank 8, 2 local epochs, batch 32",
+        f"times are CPU seconds per round, mean of rounds 1..{args.rounds}; no evaluation; "
+        f"steps = local steps of the sampled clients per round",
+    ]
+    if len(main_cases) > 1:
+        small, large = main_cases[-2], main_cases[-1]
+        a, b = results[(small, 0.1)], results[(large, 0.1)]
+        per_client = ((b["resident"] - b["data"]) - (a["resident"] - a["data"])) / (large - small)
+        verdict = "within" if per_client <= BUDGET else "OVER"
+        notes.append(
+            f"memory per extra client beyond its data, K={small} -> K={large}: "
+            f"{per_client / 1024:.1f} KB ({verdict} the 64 KB budget)"
+        )
+        same = results[control]
+        notes.append(
+            f"unsampled clients cost nothing per round: K={large} with {same['sampled']:g} "
+            f"sampled spends {1000 * same['ours_s'] / same['steps']:.1f} ms per local step, "
+            f"K={small} with {a['sampled']:g} sampled {1000 * a['ours_s'] / a['steps']:.1f} ms "
+            f"(a round is its sampled clients' steps; every client holds 1/K of the data)"
+        )
+    notes.append(f"total wall time {time.perf_counter() - started:.0f} s")
+    header = [
+        "case",
+        "sampled",
+        "steps",
+        "ours (s)",
+        "ours/step (ms)",
+        "authors (s)",
+        "resident (MiB)",
+        "client data (MiB)",
+    ]
+    extra = {"bytes_per_client": None if per_client is None else round(per_client)}
+    report("Scaling with clients (tiny backbone)", header, rows, ratios, notes, args.json, extra)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

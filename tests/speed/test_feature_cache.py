@@ -1,0 +1,193 @@
+"""The on-disk feature cache: equal to fresh encoding, keyed by everything features depend on,
+never trusting a damaged file; and the augmentation modes that use it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_overrides
+from torch import Tensor
+
+from fedpgp.backbone import BackboneSpec, FrozenCLIP
+from fedpgp.config import load_config
+from fedpgp.data import ArrayImages
+from fedpgp.data.features import FeatureCache, default_cache_dir, encode_images
+from fedpgp.experiment import build_experiment, feature_identity
+from fedpgp.runner import execute
+
+
+@pytest.fixture(scope="module")
+def tiny() -> FrozenCLIP:
+    return FrozenCLIP.load(BackboneSpec("fedpgp-tiny", None))
+
+
+@pytest.fixture(scope="module")
+def images() -> ArrayImages:
+    rng = np.random.default_rng(0)
+    return ArrayImages(rng.integers(0, 256, size=(12, 40, 48, 3), dtype=np.uint8))
+
+
+class CountingEncoder:
+    """The backbone's image encoder, counting the images it encodes."""
+
+    def __init__(self, backbone: FrozenCLIP) -> None:
+        self.backbone = backbone
+        self.images = 0
+
+    def __call__(self, batch: Tensor) -> Tensor:
+        self.images += batch.shape[0]
+        return self.backbone.encode_images(batch)
+
+
+def test_cached_features_equal_fresh_ones_and_are_reused(
+    tiny: FrozenCLIP, images: ArrayImages, tmp_path: Path
+) -> None:
+    cache, encoder = FeatureCache(tmp_path), CountingEncoder(tiny)
+    transform = tiny.test_transform()
+    fresh = encode_images(tiny.encode_images, images, [5, 1, 7], transform)
+    first = cache.features(encoder, tiny.identity, images, [5, 1, 7], transform)
+    assert torch.allclose(first, fresh, atol=1e-6) and encoder.images == 3
+    # Another run asking for more images encodes only the new ones, in the order it asks.
+    second = cache.features(encoder, tiny.identity, images, [7, 2, 5, 9, 1], transform)
+    assert encoder.images == 5
+    assert torch.allclose(second[[0, 2, 4]], fresh[[2, 0, 1]], atol=1e-6)
+    expected = encode_images(tiny.encode_images, images, [2, 9], transform)
+    assert torch.allclose(second[[1, 3]], expected, atol=1e-6)
+    again = FeatureCache(tmp_path).features(encoder, tiny.identity, images, [9, 5], transform)
+    assert encoder.images == 5
+    assert torch.equal(again, second[[3, 2]])
+
+
+def test_random_views_are_fixed_per_image_and_view(
+    tiny: FrozenCLIP, images: ArrayImages, tmp_path: Path
+) -> None:
+    """View v of image i is the same augmentation whichever images are encoded with it, so
+    stored views are shared across runs; different views are different crops."""
+    cache, transform = FeatureCache(tmp_path), tiny.train_transform()
+    views = cache.views(tiny.encode_images, tiny.identity, images, [3, 4], transform, 3)
+    alone = encode_images(tiny.encode_images, images, [4], transform, view=1)
+    assert views.shape == (3, 2, tiny.embed_dim)
+    assert torch.allclose(views[1, 1], alone[0], atol=1e-6)
+    assert (views[0] - views[1]).abs().max() > 1e-3
+
+
+def test_cache_key_changes_with_backbone_transform_dataset_and_view(
+    tiny: FrozenCLIP, images: ArrayImages
+) -> None:
+    key = FeatureCache.key(tiny.identity, tiny.test_transform(), images, None)
+    other_weights = FrozenCLIP.load(BackboneSpec("fedpgp-tiny", None, init_seed=1))
+    other_images = ArrayImages(images.array[::-1].copy())
+    changed = {
+        "backbone": FeatureCache.key(other_weights.identity, tiny.test_transform(), images, None),
+        "transform": FeatureCache.key(tiny.identity, tiny.train_transform(), images, None),
+        "dataset": FeatureCache.key(tiny.identity, tiny.test_transform(), other_images, None),
+        "view": FeatureCache.key(tiny.identity, tiny.test_transform(), images, 0),
+    }
+    assert other_weights.identity != tiny.identity
+    assert all(value != key for value in changed.values()), changed
+    assert len(set(changed.values())) == len(changed)
+    assert FeatureCache.key(tiny.identity, tiny.test_transform(), images, None) == key
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def _bad_header(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:16] + b"{not json" + data[25:])
+
+
+def _wrong_key(path: Path) -> None:
+    data = path.read_bytes()
+    length = int.from_bytes(data[8:16], "little")
+    header = json.loads(data[16 : 16 + length])
+    header["key"] = "0" * 64
+    text = json.dumps(header, sort_keys=True).encode().ljust(length)
+    path.write_bytes(data[:16] + text + data[16 + length :])
+
+
+@pytest.mark.parametrize("damage", [_flip_last_byte, _truncate, _bad_header, _wrong_key])
+def test_a_damaged_cache_file_is_detected_and_rebuilt(
+    tiny: FrozenCLIP, images: ArrayImages, tmp_path: Path, damage, caplog
+) -> None:
+    cache, encoder = FeatureCache(tmp_path), CountingEncoder(tiny)
+    transform = tiny.test_transform()
+    good = cache.features(encoder, tiny.identity, images, [0, 1, 2], transform)
+    path = cache.path(cache.key(tiny.identity, transform, images, None))
+    damage(path)
+    rebuilt = cache.features(encoder, tiny.identity, images, [0, 1, 2], transform)
+    assert encoder.images == 6, "the damaged file must not be used"
+    assert torch.allclose(rebuilt, good, atol=1e-6)
+    assert "unusable" in caplog.text
+    # The rebuilt file is sound: a third call encodes nothing.
+    cache.features(encoder, tiny.identity, images, [2, 0], transform)
+    assert encoder.images == 6
+
+
+def test_default_cache_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDPGP_CACHE", str(tmp_path / "explicit"))
+    assert default_cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("FEDPGP_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "fedpgp"
+
+
+def test_runs_reuse_the_cache_across_methods_and_seeds(tiny_data: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(tiny_data, cache_dir=tmp_path / "cache")
+    first = build_experiment(load_config(overrides=overrides))
+    cache = FeatureCache(tmp_path / "cache")
+    backbone, splits = first.backbone, first.splits
+    test_file = cache.path(
+        cache.key(feature_identity(backbone), backbone.test_transform(), splits.test.images, None)
+    )
+    train_file = cache.path(
+        cache.key(feature_identity(backbone), backbone.test_transform(), splits.train.images, None)
+    )
+    stamps = {path: path.stat().st_mtime_ns for path in (test_file, train_file)}
+    # Another method: nothing is encoded again.
+    second = build_experiment(load_config(overrides=[*overrides, "method=promptfl"]))
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
+    assert torch.equal(first.base.features, second.base.features)
+    # Another seed draws other shots: the test features are still reused.
+    third = build_experiment(load_config(overrides=[*overrides, "seed=5"]))
+    assert test_file.stat().st_mtime_ns == stamps[test_file]
+    assert torch.equal(first.base.features, third.base.features)
+
+
+def test_views_mode_stores_one_view_per_epoch(tiny_data: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(tiny_data, augment="views", rounds=2, local_epochs=2)
+    experiment = build_experiment(load_config(overrides=overrides))
+    data = experiment.client_data[0]
+    assert data.train_features.shape[:2] == (4, data.num_train)
+    assert (data.train_features[0] - data.train_features[1]).abs().max() > 1e-3
+
+
+def _check_recorded(results: dict, out_dir: Path, augment: str) -> None:
+    assert results["augment"] == augment
+    assert json.loads((out_dir / "results.json").read_text())["augment"] == augment
+    assert f"augment: {augment}" in (out_dir / "config.yaml").read_text()
+    assert results["final"]["local"] is not None
+
+
+@pytest.mark.parametrize("augment", ["views", "none"])
+def test_augment_mode_runs_and_is_recorded(tiny_data: Path, tmp_path: Path, augment: str) -> None:
+    cfg = load_config(overrides=tiny_overrides(tiny_data, augment=augment, rounds=1))
+    _check_recorded(execute(cfg, tmp_path / "run"), tmp_path / "run", augment)
+
+
+def test_online_mode_runs_is_recorded_and_reproducible(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = load_config(overrides=tiny_overrides(tiny_data, augment="online", rounds=2))
+    first = execute(cfg, tmp_path / "a")
+    _check_recorded(first, tmp_path / "a", "online")
+    assert execute(cfg, tmp_path / "b")["rounds"] == first["rounds"]
