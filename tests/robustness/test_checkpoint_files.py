@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from robustness_helpers import checkpoint_files, interrupted_run, tiny_config, write_tiny_dtd
+from robustness_helpers import checkpoint_files, interrupted_run, tiny_config
+from tiny import write_tiny_dtd
 
 from fedpgp.checkpoint import (
     RELOCATABLE,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from robustness_helpers import checkpoint_files, fail_client, tiny_config, tiny_overrides
+from robustness_helpers import checkpoint_files, fail_client, tiny_config
+from tiny import tiny_overrides
 
 from fedpgp.cli import main
 from fedpgp.config import load_config
