@@ -475,16 +475,21 @@ def save_clip_weights(
     model: nn.Module, path: Path, token_map: Tensor, metadata: dict[str, str] | None = None
 ) -> str:
     """Write the weights of ``model`` (fp16) and ``token_map`` to a safetensors file, atomically
-    (a temporary file in the same folder, then a rename). Returns the file's sha256."""
+    (a temporary file in the same folder, then a rename). Returns the file's sha256.
+
+    ``metadata`` is stored as one JSON string under the key ``fedpgp``: safetensors writes
+    several metadata keys in a random order, and equal weights must give equal files.
+    """
     from safetensors.torch import save_file
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     state["token_map"] = token_map.to(torch.int64).contiguous()
+    header = {"fedpgp": json.dumps(metadata or {}, sort_keys=True)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(state, str(temporary), metadata=metadata)
+        save_file(state, str(temporary), metadata=header)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

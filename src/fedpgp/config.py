@@ -95,6 +95,9 @@ class RunConfig:
     optimizer_state: str = "fresh"
     label_space: str = "all"
     device: str = "auto"
+    # Prompt-learning steps are small matrix products: one CPU thread avoids OpenMP overhead
+    # (and collapse when other processes share the cores); raise it to encode big backbones.
+    threads: int = 1
     precision: str = "auto"
     cache_dir: str | None = None
     min_clients: int = 1
@@ -170,6 +173,7 @@ RANGES: tuple[tuple[str, float | None, float | None, bool], ...] = (
     ("eval_every", 1, None, True),
     ("views", 0, None, True),
     ("min_clients", 1, None, True),
+    ("threads", 1, None, True),
     ("client_timeout", 0, None, False),
     ("checkpoint_every", 1, None, True),
     ("backbone.init_seed", 0, MAX_SEED, True),

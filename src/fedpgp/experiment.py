@@ -148,6 +148,7 @@ def build_experiment(
     """Load, partition and encode everything ``cfg`` needs; ``clients`` limits which clients'
     data is built (all by default). ``patches`` adds patch features (by default when the
     config's method needs them)."""
+    torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     backbone = FrozenCLIP.load(backbone_spec(cfg)).to(device)
     if cfg.precision == "auto":

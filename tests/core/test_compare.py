@@ -7,8 +7,8 @@ import json
 import statistics
 from pathlib import Path
 
-from tiny import tiny_overrides
 from PIL import Image
+from tiny import tiny_overrides
 
 from fedpgp.cli import main
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_overrides
 from safetensors.torch import save
+from tiny import tiny_overrides
 
 from fedpgp.config import load_config
 from fedpgp.experiment import build_experiment

@@ -63,7 +63,7 @@ def load_world(
     image_size: int = 32,
     seed: int = 0,
     styles: int = len(STYLE_NAMES) - 1,
-    style_strength: float = 1.0,
+    style_strength: float = 0.5,
 ) -> DatasetSplits:
     """The world with ``classes`` classes (12..90), rendered at ``image_size`` pixels from
     ``seed``; ``styles`` styles (0 = all clean) spread over the base classes at

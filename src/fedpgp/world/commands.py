@@ -96,20 +96,29 @@ def _show_command(args: argparse.Namespace) -> int:
     world = load_world(None, seed=args.seed, **options)
     test = world.test
     first = np.searchsorted(test.labels, np.arange(world.num_classes))
-    columns = 10
+    size, label_space, columns = world.test.images[0].size[0], 14, 10
+    cell_w, cell_h = size + 4, size + label_space
     rows = math.ceil(world.num_classes / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.8))
-    for label, axis in enumerate(axes.flat):
-        axis.axis("off")
-        if label >= world.num_classes:
-            continue
-        axis.imshow(np.asarray(test.images[int(first[label])]), interpolation="nearest")
+    # One canvas with room above each image for its name: far faster to draw than 90 axes.
+    canvas = np.full((rows * cell_h, columns * cell_w, 3), 255, dtype=np.uint8)
+    figure, axis = plt.subplots(figsize=(columns * 1.7, rows * 1.75))
+    for label in range(world.num_classes):
+        top, left = (label // columns) * cell_h + label_space, (label % columns) * cell_w + 2
+        canvas[top : top + size, left : left + size] = np.asarray(test.images[int(first[label])])
         style = world.domain_names[int(test.domains[first[label]])]
-        axis.set_title(f"{world.classnames[label]}\n({style})", fontsize=6.5)
-    figure.suptitle(
-        f"world (seed {args.seed}): first {world.num_classes // 2 + world.num_classes % 2} "
-        "classes are base, the rest novel",
-        fontsize=10,
+        axis.text(
+            left + size / 2,
+            top - 1,
+            f"{world.classnames[label]}\n({style})",
+            ha="center",
+            va="bottom",
+            fontsize=6.5,
+        )
+    axis.imshow(canvas, interpolation="nearest")
+    axis.axis("off")
+    num_base = math.ceil(world.num_classes / 2)
+    axis.set_title(
+        f"world (seed {args.seed}): the first {num_base} classes are base, the rest novel"
     )
     figure.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ They are applied after rendering, keyed by a style id per class (see ``fedpgp.da
 from __future__ import annotations
 
 import colorsys
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -57,7 +58,7 @@ def concept(label: int) -> Concept:
     """The concept of label ``label`` in the world's fixed class order (module docstring)."""
     if not 0 <= label < MAX_CLASSES:
         raise ValueError(f"world label {label} outside [0, {MAX_CLASSES})")
-    return Concept(label % len(COLOURS), label % len(SHAPES), (label + label // 30) % 3)
+    return Concept(label % len(COLOURS), label % len(SHAPES), (label + label // 30) % len(PATTERNS))
 
 
 def class_names(count: int = MAX_CLASSES) -> list[str]:
@@ -81,11 +82,14 @@ def held_out_labels() -> list[int]:
 # Rendering
 
 
+@functools.lru_cache(maxsize=8)
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Coordinates in [-1, 1] of the supersampled pixel centres (y down, x right)."""
+    """Coordinates in [-1, 1] of the supersampled pixel centres (y down, x right); read-only."""
     n = size * _SUPERSAMPLE
     axis = (np.arange(n, dtype=np.float64) + 0.5) / n * 2.0 - 1.0
-    return np.meshgrid(axis, axis, indexing="ij")[::-1]
+    y, x = np.meshgrid(axis, axis, indexing="ij")
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
 
 
 def _regular_polygon(u: np.ndarray, v: np.ndarray, sides: int) -> np.ndarray:

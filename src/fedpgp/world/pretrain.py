@@ -70,7 +70,7 @@ class PretrainSettings:
 
     seed: int = 0
     steps: int = 1500
-    batch_size: int = 128
+    batch_size: int = 256
     learning_rate: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
@@ -174,6 +174,7 @@ def train_world_clip(
 
 
 def _train(settings: PretrainSettings, log: Callable[[str], None]) -> tuple[nn.Module, Tensor]:
+    start = time.perf_counter()
     model = create_trainable_clip(MODEL_NAME, settings.seed)
     token_map = world_token_map(model.token_embedding.num_embeddings)
     captions = _caption_ids(token_map)
@@ -182,7 +183,10 @@ def _train(settings: PretrainSettings, log: Callable[[str], None]) -> tuple[nn.M
     pool = WorldImages(pool_labels, seed=settings.seed, stream="pretrain").array()
     pool_images = torch.from_numpy(pool)
     pool_classes = torch.from_numpy(pool_labels)
-    log(f"rendered {len(pool_labels)} images of {len(seen_labels())} seen classes")
+    log(
+        f"rendered {len(pool_labels)} images of {len(seen_labels())} seen classes "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
 
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = _optimizer(model, settings)
@@ -205,7 +209,8 @@ def _train(settings: PretrainSettings, log: Callable[[str], None]) -> tuple[nn.M
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-            log(f"step {step + 1}/{settings.steps}  loss {loss.item():.4f}")
+            elapsed = time.perf_counter() - start
+            log(f"step {step + 1}/{settings.steps}  loss {loss.item():.4f}  ({elapsed:.0f} s)")
     return model.eval(), token_map
 
 
@@ -237,11 +242,7 @@ def pretrain(
     file as written (fp16), loaded the way every run loads it."""
     start, start_cpu = time.perf_counter(), time.process_time()
     model, token_map = train_world_clip(settings, log)
-    metadata = {
-        "fedpgp": "world pretraining",
-        "seed": str(settings.seed),
-        "steps": str(settings.steps),
-    }
+    metadata = {"made_by": "fedpgp world pretrain", "settings": repr(settings)}
     sha256 = save_clip_weights(model, out, token_map, metadata)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     backbone = FrozenCLIP.load(BackboneSpec(name=MODEL_NAME, pretrained=None, file=str(out)))
