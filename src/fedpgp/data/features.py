@@ -75,20 +75,6 @@ def encode_images(
     return torch.cat(chunks)
 
 
-def encode_views(
-    encoder: Encoder,
-    images: ImageSource,
-    indices: Sequence[int],
-    transform: Transform,
-    views: int,
-    batch_size: int = 256,
-) -> Tensor:
-    """Features (views, n, E) of ``views`` random augmentations of each image."""
-    return torch.stack(
-        [encode_images(encoder, images, indices, transform, v, batch_size) for v in range(views)]
-    )
-
-
 def default_cache_dir() -> Path:
     """``$FEDPGP_CACHE``, else ``$XDG_CACHE_HOME/fedpgp``, else ``~/.cache/fedpgp``."""
     explicit = os.environ.get("FEDPGP_CACHE")

@@ -94,6 +94,23 @@ def restore_state(
     restore_rng(state.rng)
 
 
+def round_row(round: int, per_client: list[dict], sampled: list[int], faults: list) -> dict:
+    """The results row of 0-based ``round``: the means over clients, who was sampled, the
+    faults since the last row and the per-client metrics; logged as it is made."""
+    row = {"round": round + 1, **summarize(per_client), "sampled": sampled}
+    if faults:
+        row["faults"] = faults
+    log.info(
+        "round %d: local %s base %s novel %s hm %s",
+        round + 1,
+        row["local"],
+        row["base"],
+        row["novel"],
+        row["hm"],
+    )
+    return {**row, "clients": per_client}
+
+
 def run_simulation(
     experiment: Experiment,
     on_round: RoundCallback | None = None,
@@ -133,18 +150,8 @@ def run_simulation(
             per_client = evaluate_clients(
                 experiment, experiment.method, params, experiment.client_data
             )
-            row = {"round": round + 1, **summarize(per_client), "sampled": sampled}
-            if pending:
-                row["faults"], pending = pending, []
-            rows.append({**row, "clients": per_client})
-            log.info(
-                "round %d: local %s base %s novel %s hm %s",
-                round + 1,
-                row["local"],
-                row["base"],
-                row["novel"],
-                row["hm"],
-            )
+            rows.append(round_row(round, per_client, sampled, pending))
+            pending = []
             if on_round is not None:
                 on_round(rows[-1])
         if save is not None and (last or (round + 1) % cfg.checkpoint_every == 0):

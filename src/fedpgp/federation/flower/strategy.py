@@ -23,6 +23,7 @@ from ...errors import FedPGPError
 from ...evaluation import summarize
 from ..faults import Fault, screen_replies
 from ..server import Server
+from ..simulation import round_row
 from ..update import Update
 from .records import (
     BadReplyError,
@@ -324,20 +325,10 @@ class FlowerRounds:
             if last or (round + 1) % cfg.eval_every == 0:
                 self.registry.refresh()
                 per_client, zeroshot_rows = self.evaluate(round, zeroshot=last)
-                row = {"round": round + 1, **summarize(per_client), "sampled": sampled}
-                if pending:
-                    row["faults"], pending = pending, []
-                rows.append({**row, "clients": per_client})
+                rows.append(round_row(round, per_client, sampled, pending))
+                pending = []
                 if last:
                     zeroshot = summarize(zeroshot_rows)
-                log.info(
-                    "round %d: local %s base %s novel %s hm %s",
-                    round + 1,
-                    row["local"],
-                    row["base"],
-                    row["novel"],
-                    row["hm"],
-                )
         return {
             "rounds": rows,
             "global": self.server.global_tensors,
