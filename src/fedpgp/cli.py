@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.commands import add_data_commands
 
     add_data_commands(sub)
+    from .world.commands import add_world_commands
+
+    add_world_commands(sub)
     return parser
 
 
