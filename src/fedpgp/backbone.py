@@ -28,6 +28,7 @@ from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 from torchvision import transforms as T
 
+from .atomic import write_bytes_atomic
 from .errors import BackboneError
 
 log = logging.getLogger(__name__)
@@ -480,17 +481,11 @@ def save_clip_weights(
     ``metadata`` is stored as one JSON string under the key ``fedpgp``: safetensors writes
     several metadata keys in a random order, and equal weights must give equal files.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     state["token_map"] = token_map.to(torch.int64).contiguous()
     header = {"fedpgp": json.dumps(metadata or {}, sort_keys=True)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(state, str(temporary), metadata=header)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return _sha256_file(path)
+    data = save(state, metadata=header)
+    write_bytes_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()

@@ -27,14 +27,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
+from fedpgp.atomic import write_text_atomic
 from fedpgp.data.datasets import DatasetSplits, LabeledSet
 from fedpgp.data.splits import base_novel_split, sample_shots
 from fedpgp.errors import ConfigError, DatasetError
@@ -77,19 +76,8 @@ class PartitionManifest:
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
 
     def save(self, path: str | Path) -> None:
-        """Write atomically: a temporary file in the same folder, fsync, then os.replace."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                stream.write(self.to_json())
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        """Write atomically (temporary file, fsync, rename)."""
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> PartitionManifest:
