@@ -155,6 +155,8 @@ def worker(num_clients: int, frac: float, rounds: int) -> dict:
             batch_size=32,
             local_epochs=2,
             rounds=rounds + 1,
+            lr=0.001,
+            grad_clip=None,
             device="cpu",
         )
         cfg.dataset.name, cfg.dataset.root = DATASET, root

@@ -1,7 +1,8 @@
 """The paper's qualitative claims, measured on the offline world (issue 4).
 
 Runs zeroshot, local, promptfl and fedpgp on the default config (the world, 10 clients,
-pathological partition) for each seed and checks, per seed:
+pathological partition) for each seed and checks, per seed, the claims of
+``fedpgp.world.claims``:
 
 - FedPGP's Local is at least 10 points above CLIP zero-shot's Local;
 - FedPGP's Local is above PromptFL's Local;
@@ -9,6 +10,7 @@ pathological partition) for each seed and checks, per seed:
 - PromptFL's Base is above local CoOp's Base.
 
 Zero-shot's Novel is printed next to every trained method's Novel (a finding, not a check).
+Exit status 1 when a claim fails in any seed.
 
     python benchmarks/world_dynamics.py [--seeds 0,1,2] [--set key=value ...] [--json]
 """
@@ -18,30 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from pathlib import Path
 
-from fedpgp.compare import compare, parse_seeds
+from fedpgp.compare import parse_seeds
 from fedpgp.config import load_config
 from fedpgp.report import format_table
-
-METHODS = ["zeroshot", "local", "promptfl", "fedpgp"]
-CLAIMS = {
-    "fedpgp local >= zeroshot local + 10": lambda r: (
-        r["fedpgp"]["local"] >= r["zeroshot"]["local"] + 10
-    ),
-    "fedpgp local > promptfl local": lambda r: r["fedpgp"]["local"] > r["promptfl"]["local"],
-    "fedpgp novel > local novel": lambda r: r["fedpgp"]["novel"] > r["local"]["novel"],
-    "promptfl base > local base": lambda r: r["promptfl"]["base"] > r["local"]["base"],
-}
-
-
-def finals(out_dir: Path, seed: int) -> dict[str, dict[str, float]]:
-    """Final metrics of every method for one seed, read back from the run files."""
-    return {
-        method: json.loads((out_dir / method / f"seed{seed}" / "results.json").read_text())["final"]
-        for method in METHODS
-    }
+from fedpgp.world.claims import CLAIM_METHODS, CLAIMS, measure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,27 +35,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(None, args.overrides)
     seeds = parse_seeds(args.seeds, cfg.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        out_dir = Path(tmp)
-        compare(cfg, METHODS, seeds, out_dir)
-        per_seed = {seed: finals(out_dir, seed) for seed in seeds}
-    verdicts = {
-        claim: {seed: bool(check(per_seed[seed])) for seed in seeds}
-        for claim, check in CLAIMS.items()
-    }
+    per_seed = measure(cfg, seeds)
+    gaps = {claim.text: {seed: claim.gap(per_seed[seed]) for seed in seeds} for claim in CLAIMS}
+    verdicts = {claim.text: {s: claim.holds(per_seed[s]) for s in seeds} for claim in CLAIMS}
     if args.json:
-        print(json.dumps({"finals": per_seed, "claims": verdicts}))
+        print(json.dumps({"finals": per_seed, "gaps": gaps, "claims": verdicts}))
     else:
         rows = [
             [f"{m} (seed {s})", *(per_seed[s][m][k] for k in ("local", "base", "novel", "hm"))]
             for s in seeds
-            for m in METHODS
+            for m in CLAIM_METHODS
         ]
         print(format_table(["run", "Local", "Base", "Novel", "HM"], rows))
         print()
-        for claim, by_seed in verdicts.items():
-            marks = ", ".join(f"seed {s}: {'yes' if ok else 'NO'}" for s, ok in by_seed.items())
-            print(f"{claim}: {marks}")
+        for claim in CLAIMS:
+            marks = ", ".join(
+                f"seed {s}: {'yes' if verdicts[claim.text][s] else 'NO'} "
+                f"({gaps[claim.text][s]:+.2f})"
+                for s in seeds
+            )
+            print(f"{claim.text}: {marks}")
     return 0 if all(all(v.values()) for v in verdicts.values()) else 1
 
 

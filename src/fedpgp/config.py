@@ -73,8 +73,10 @@ class RunConfig:
     """One federated run. Field names are the YAML keys and the ``--set`` keys."""
 
     method: str = "fedpgp"
-    rounds: int = 10
-    local_epochs: int = 2
+    # The defaults are the world's protocol (docs/world.md, "Training on the world"); the
+    # paper's optimizer (lr 0.001, no clipping, 2 local epochs) is pinned in configs/.
+    rounds: int = 20
+    local_epochs: int = 5
     num_clients: int = 10
     frac: float = 1.0
     shots: int | None = 16
@@ -84,9 +86,11 @@ class RunConfig:
     mu: float = 0.5
     tau: float = 0.5
     prox_mu: float = 0.01
-    lr: float = 0.001
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # Largest L2 norm of one step's gradient over the trained tensors; null: no clipping.
+    grad_clip: float | None = 1.0
     seed: int = 0
     eval_every: int = 1
     augment: str = "none"
@@ -169,6 +173,7 @@ RANGES: tuple[tuple[str, float | None, float | None, bool], ...] = (
     ("lr", 0, None, False),
     ("momentum", 0, 1, True),
     ("weight_decay", 0, None, True),
+    ("grad_clip", 0, None, False),
     ("seed", 0, MAX_SEED, True),
     ("eval_every", 1, None, True),
     ("views", 0, None, True),

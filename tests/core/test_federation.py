@@ -88,3 +88,25 @@ def test_sampling_rule() -> None:
     assert len({tuple(d) for d in draws}) > 1
     assert sample_clients(3, 5, 0.01, seed=0).__len__() == 1
     assert sample_clients(3, 10, 1.0, seed=4) == list(range(10))
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1e-3])
+def test_grad_clip_bounds_the_step(tiny_data: Path, grad_clip: float | None) -> None:
+    # Plain SGD, one batch: the step is lr times the (clipped) gradient.
+    overrides = tiny_overrides(
+        tiny_data,
+        method="promptfl",
+        lr=1.0,
+        momentum=0,
+        weight_decay=0,
+        batch_size=1000,
+        grad_clip="null" if grad_clip is None else grad_clip,
+    )
+    experiment = build_experiment(load_config(None, overrides))
+    start = experiment.initial_global()
+    update = build_clients(experiment)[0].train(start, 0)
+    step = float((update.tensors["ctx"] - start["ctx"]).norm())
+    if grad_clip is None:
+        assert step > 10 * 1e-3
+    else:
+        assert step == pytest.approx(grad_clip, rel=1e-4)

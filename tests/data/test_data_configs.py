@@ -66,3 +66,11 @@ def test_config_validates_and_its_partition_is_feasible(
         splits, cfg.partition.kind, cfg.num_clients, cfg.shots, cfg.seed, **params
     )
     assert len(manifest.clients) == cfg.num_clients
+
+
+@pytest.mark.parametrize("path", config_files())
+def test_config_uses_the_papers_optimizer(path: Path) -> None:
+    # The defaults are the offline world's protocol; a paper experiment must not inherit them.
+    cfg = load_config(path)
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.grad_clip) == (0.001, 0.9, 5e-4, None)
+    assert (cfg.rounds, cfg.local_epochs) == (25, 2)

@@ -158,9 +158,9 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "another config": (
         lambda d: (d / "config.yaml").write_text(
-            (d / "config.yaml").read_text().replace("lr: 0.001", "lr: 0.002")
+            (d / "config.yaml").read_text().replace("lr: 0.01", "lr: 0.02")
         ),
-        rf"{JSON}: written for another config \(lr: 0\.001 -> 0\.002\)",
+        rf"{JSON}: written for another config \(lr: 0\.01 -> 0\.02\)",
     ),
     "malformed body": (
         lambda d: _rewrite_json(d, lambda doc: doc["body"].pop("rows")),

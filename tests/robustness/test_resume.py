@@ -84,7 +84,7 @@ def test_resume_keeps_the_config_and_refuses_changes(
     interrupted_run(monkeypatch, cfg, run_dir, 1)
     with pytest.raises(ConfigError, match=r"rounds: 3 -> 5.*config\.yaml unchanged"):
         resume(run_dir, None, ["rounds=5"])
-    with pytest.raises(ConfigError, match=r"lr: 0\.001 -> 0\.5"):
+    with pytest.raises(ConfigError, match=r"lr: 0\.01 -> 0\.5"):
         resume(run_dir, None, ["rounds=3", "lr=0.5"])
     changed = tmp_path / "changed.yaml"
     changed.write_text("seed: 7\n")

@@ -120,6 +120,8 @@ class Client:
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
                 optimizer.step()
                 losses.append(loss.detach())
         self.personal = {key: params[key].detach().clone() for key in self.method.personal_keys}
