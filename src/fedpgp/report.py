@@ -85,6 +85,7 @@ def curves_png(rounds: Sequence[Mapping[str, Any]], title: str = "") -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [row["round"] for row in rounds]
@@ -93,6 +94,7 @@ def curves_png(rounds: Sequence[Mapping[str, Any]], title: str = "") -> bytes:
         if any(y is not None for y in ys):
             ax.plot(xs, ys, marker="o", label=key.capitalize() if key != "hm" else "HM")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
