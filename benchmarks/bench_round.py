@@ -33,8 +33,8 @@ from benchlib import (
     FOOD101,
     AuthorsPrompts,
     Timing,
+    authors_local_training,
     authors_predict,
-    authors_step_loss,
     median_timing,
     register_synthetic,
     relative_error,
@@ -114,26 +114,15 @@ class AuthorsLoop:
         leaves = [
             t.detach().clone().requires_grad_(True) for t in (sigma, personal["U"], personal["V"])
         ]
-        optimizer = torch.optim.SGD(
-            leaves, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        authors_local_training(
+            backbone,
+            self.base,
+            self.train_images[cid],
+            self.experiment.client_data[cid].train_labels,
+            leaves,
+            cfg,
+            torch_generator(cfg.seed, "order", 0, cid),
         )
-        labels = self.experiment.client_data[cid].train_labels
-        order_rng = torch_generator(cfg.seed, "order", 0, cid)
-        for _ in range(cfg.local_epochs):
-            order = torch.randperm(labels.shape[0], generator=order_rng).to(labels.device)
-            for batch in order.split(cfg.train_batch_size):
-                loss = authors_step_loss(
-                    backbone,
-                    self.base,
-                    self.train_images[cid][batch],
-                    labels[batch],
-                    *leaves,
-                    cfg.mu,
-                    cfg.tau,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
         return tuple(leaf.detach() for leaf in leaves)
 
     def round(self) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]], dict[int, dict]]:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from benchlib import (
     AuthorsPrompts,
-    authors_step_loss,
+    authors_local_training,
     register_synthetic,
     report,
     set_threads,
@@ -117,27 +117,15 @@ class AuthorsRound:
             leaves = [sigma.clone().requires_grad_(True)] + [
                 self.weights[cid][k].clone().requires_grad_(True) for k in ("U", "V")
             ]
-            optimizer = torch.optim.SGD(
-                leaves, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            authors_local_training(
+                backbone,
+                self.prompts,
+                images[cid],
+                self.experiment.client_data[cid].train_labels,
+                leaves,
+                cfg,
+                torch.Generator().manual_seed(round * 100003 + cid),
             )
-            labels = self.experiment.client_data[cid].train_labels
-            generator = torch.Generator().manual_seed(round * 100003 + cid)
-            for _ in range(cfg.local_epochs):
-                for batch in torch.randperm(len(labels), generator=generator).split(
-                    cfg.train_batch_size
-                ):
-                    loss = authors_step_loss(
-                        backbone,
-                        self.prompts,
-                        images[cid][batch],
-                        labels[batch],
-                        *leaves,
-                        cfg.mu,
-                        cfg.tau,
-                    )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
             self.weights[cid] = {"U": leaves[1].detach(), "V": leaves[2].detach()}
         for cid in self.weights:  # load_state_dict of every client, every round
             for key, value in self.weights[cid].items():

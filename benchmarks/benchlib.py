@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedpgp.backbone import FrozenCLIP
+from fedpgp.config import RunConfig
 from fedpgp.data import ArrayImages, DatasetSplits, LabeledSet, register
 from fedpgp.data.datasets import dataset_names
 from fedpgp.report import format_table
@@ -160,6 +161,31 @@ def authors_step_loss(
     pair_logits = torch.stack([positive, negative], dim=1) / tau
     target = torch.zeros(pair_logits.shape[0], dtype=torch.long, device=pair_logits.device)
     return F.cross_entropy(logits, labels) + mu * F.cross_entropy(pair_logits, target)
+
+
+def authors_local_training(
+    backbone: FrozenCLIP,
+    prompts: AuthorsPrompts,
+    images: Tensor,
+    labels: Tensor,
+    leaves: list[Tensor],
+    cfg: RunConfig,
+    generator: torch.Generator,
+) -> None:
+    """Their local round: SGD over the leaves (sigma, U, V), ``cfg.local_epochs`` shuffled
+    passes of :func:`authors_step_loss`; the leaves are updated in place."""
+    optimizer = torch.optim.SGD(
+        leaves, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(labels.shape[0], generator=generator).to(labels.device)
+        for batch in order.split(cfg.train_batch_size):
+            loss = authors_step_loss(
+                backbone, prompts, images[batch], labels[batch], *leaves, cfg.mu, cfg.tau
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
 
 def authors_predict(

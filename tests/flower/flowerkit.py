@@ -65,6 +65,15 @@ def reference_run(data_root: Path, folder: Path) -> Reference:
     return Reference(cfg, config_file, results, outcome["global"])
 
 
+def array_names(messages_file: Path) -> list[str]:
+    """Every array name in every message of a ServerApp's messages.jsonl."""
+    names = []
+    for line in messages_file.read_text().splitlines():
+        for record in json.loads(line).get("arrays", {}).values():
+            names.extend(record)
+    return names
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flowerkit import Reference, flower_config, reference_run
+from flowerkit import Reference, array_names, flower_config, reference_run
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
@@ -121,15 +121,6 @@ def task_identity() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def reference(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
     return reference_run(tiny_data, tmp_path_factory.getbasetemp() / "flower-reference")
-
-
-def array_names(messages_file: Path) -> list[str]:
-    """Every array name in every message of a ServerApp's messages.jsonl."""
-    names = []
-    for line in messages_file.read_text().splitlines():
-        for record in json.loads(line).get("arrays", {}).values():
-            names.extend(record)
-    return names
 
 
 def test_initial_global_is_the_experiments(reference: Reference, tiny_data: Path) -> None:

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from flowerkit import Federation, Reference, flower_config, make_certificates, reference_run
+from flowerkit import (
+    Federation,
+    Reference,
+    array_names,
+    flower_config,
+    make_certificates,
+    reference_run,
+)
 from safetensors.torch import load_file
 
 from fedpgp.experiment import build_experiment
@@ -48,14 +55,6 @@ def finish(federation: Federation, run, out_dir: Path) -> dict:
         )
         pytest.fail(f"the run wrote no results.json\n{logs}")
     return json.loads(results.read_text())
-
-
-def array_names(messages_file: Path) -> list[str]:
-    names = []
-    for line in messages_file.read_text().splitlines():
-        for record in json.loads(line).get("arrays", {}).values():
-            names.extend(record)
-    return names
 
 
 def received(messages_file: Path, kind: str, round: str) -> int:
