@@ -4,18 +4,22 @@ never trusting a damaged file; and the augmentation modes that use it."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tiny import tiny_overrides
 from torch import Tensor
 
 from fedpgp.backbone import BackboneSpec, FrozenCLIP
 from fedpgp.config import load_config
-from fedpgp.data import ArrayImages
+from fedpgp.data import ArrayImages, FileImages
 from fedpgp.data.features import FeatureCache, default_cache_dir, encode_images
+from fedpgp.errors import DatasetError
 from fedpgp.experiment import build_experiment, feature_identity
 from fedpgp.runner import execute
 
@@ -191,3 +195,79 @@ def test_online_mode_runs_is_recorded_and_reproducible(tiny_data: Path, tmp_path
     first = execute(cfg, tmp_path / "a")
     _check_recorded(first, tmp_path / "a", "online")
     assert execute(cfg, tmp_path / "b")["rounds"] == first["rounds"]
+
+
+def _write_pngs(folder: Path, count: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(count):
+        pixels = rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        names.append(f"{i}.png")
+    return names
+
+
+def test_an_image_changed_at_the_same_path_is_encoded_again(
+    tiny: FrozenCLIP, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = FileImages(tmp_path / "images", _write_pngs(tmp_path / "images", 4))
+    cache, encoder = FeatureCache(tmp_path / "cache"), CountingEncoder(tiny)
+    transform = tiny.test_transform()
+    before = cache.features(encoder, tiny.identity, images, [0, 1, 2, 3], transform)
+    assert encoder.images == 4
+    Image.fromarray(np.zeros((24, 24, 3), dtype=np.uint8)).save(images.path(2))
+    after = cache.features(encoder, tiny.identity, images, [0, 1, 2, 3], transform)
+    assert encoder.images == 5, "only the changed image is encoded again"
+    assert "changed on disk" in caplog.text
+    assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]])
+    assert (after[2] - before[2]).abs().max() > 1e-3
+    fresh = encode_images(tiny.encode_images, images, [2], transform)
+    assert torch.allclose(after[2], fresh[0], atol=1e-6)
+    # The new content is what the cache holds now.
+    cache.features(encoder, tiny.identity, images, [2], transform)
+    assert encoder.images == 5
+
+
+def test_a_touched_image_with_the_same_content_is_not_encoded_again(
+    tiny: FrozenCLIP, tmp_path: Path
+) -> None:
+    images = FileImages(tmp_path / "images", _write_pngs(tmp_path / "images", 3))
+    cache, encoder = FeatureCache(tmp_path / "cache"), CountingEncoder(tiny)
+    transform = tiny.test_transform()
+    before = cache.features(encoder, tiny.identity, images, [0, 1, 2], transform)
+    path = images.path(1)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    after = cache.features(encoder, tiny.identity, images, [0, 1, 2], transform)
+    assert encoder.images == 3
+    assert torch.equal(after, before)
+    entry_path = cache.path(cache.key(tiny.identity, transform, images, None))
+    written = entry_path.stat().st_mtime_ns
+    # The new time is recorded: the next run does not hash the file again or rewrite the entry.
+    cache.features(encoder, tiny.identity, images, [0, 1, 2], transform)
+    assert entry_path.stat().st_mtime_ns == written
+
+
+def test_a_warm_cache_does_not_hide_a_blackened_dataset(tiny_data: Path, tmp_path: Path) -> None:
+    """The same paths with every image black must give other numbers than the real images."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    overrides = tiny_overrides(data, cache_dir=tmp_path / "cache", rounds=1)
+    real = execute(load_config(overrides=overrides), tmp_path / "real")
+    for image in (data / "dtd" / "images").rglob("*.jpg"):
+        Image.new("RGB", Image.open(image).size).save(image, quality=95)
+    black = execute(load_config(overrides=overrides), tmp_path / "black")
+    assert black["clients"] != real["clients"]
+    assert black["zeroshot"] != real["zeroshot"]
+
+
+def test_a_corrupted_image_behind_a_warm_cache_is_named(tiny_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    overrides = tiny_overrides(data, cache_dir=tmp_path / "cache", rounds=1)
+    build_experiment(load_config(overrides=overrides))
+    # A test image: every test image is encoded (Local, Base and Novel sets).
+    victim = sorted((data / "dtd" / "images").rglob("*_009.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[:40])
+    with pytest.raises(DatasetError, match=victim.name):
+        build_experiment(load_config(overrides=overrides))

@@ -116,11 +116,31 @@ class SubsetImages:
         return _sha256([b"subset", self.parent.fingerprint().encode(), self.indices.tobytes()])
 
 
+# Modes whose samples exceed 8 bits: PIL's convert("RGB") clips them at 255 instead of scaling.
+_WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB with its full range kept: 16-bit samples (modes I;16 and I, as PNG
+    and TIFF store them) are scaled by 255/65535, float images (mode F) in [0, 1] by 255; every
+    other mode PIL opens (L, P, CMYK, RGBA, ...) goes through PIL's own conversion."""
+    if image.mode in _WIDE_INTEGER_MODES:
+        samples = np.asarray(image, dtype=np.float64)
+        grey = np.clip(samples, 0, 65535) * (255.0 / 65535.0)
+    elif image.mode == "F":
+        samples = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        scale = 255.0 if samples.size and samples.max() <= 1.0 else 1.0
+        grey = np.clip(samples * scale, 0, 255)
+    else:
+        return image.convert("RGB")
+    return Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
+
+
 def read_image(path: Path) -> Image.Image:
     """Open an image file and decode it fully as RGB; any failure is a DatasetError."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError as exc:
         raise DatasetError(f"image {path}: listed in the split but the file is absent") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -128,6 +148,16 @@ def read_image(path: Path) -> Image.Image:
             f"image {path}: expected a readable image file, found an unreadable or "
             f"truncated one ({exc})"
         ) from exc
+
+
+def image_file(images: ImageSource, index: int) -> Path | None:
+    """The file image ``index`` of ``images`` is read from, or None for a source held in memory
+    or generated (whose fingerprint already covers its pixels)."""
+    if isinstance(images, FileImages):
+        return images.path(index)
+    if isinstance(images, SubsetImages):
+        return image_file(images.parent, int(images.indices[index]))
+    return None
 
 
 def _as_int64(values: Sequence[int] | np.ndarray, what: str) -> np.ndarray:

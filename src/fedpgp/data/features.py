@@ -3,14 +3,19 @@ disk, reused by every method, seed and run.
 
 A cache entry holds the features of some images of one image source under one encoder, one
 transform and one view; its key is the sha256 of those four identities, so a changed backbone,
-transform or dataset gets a new entry instead of stale features. An entry is one file, written
+transform or dataset gets a new entry instead of stale features. A source's identity names its
+images (relative paths), not their pixels, so every row of an entry also records what the image
+file was when it was encoded: its size, modification time and sha256. On reuse each file is
+stat'ed; one whose size or time differs is hashed again, and if its content changed (a fixed,
+replaced or corrupted image at the same path) it is encoded again. An entry is one file, written
 atomically, with a checksum over its contents: a truncated or corrupted file is detected, removed
 and rebuilt, never used. Entries grow as runs ask for images they do not hold yet (other shots,
 other seeds), and are read through a memory map.
 
 File layout: ``MAGIC``, the header length (8 bytes, little endian), a JSON header padded to a
-multiple of 64 bytes, then ``count`` int64 image indices (sorted) and ``count x dim`` float32
-features in the same order.
+multiple of 64 bytes, then ``count`` int64 image indices (sorted), ``count x dim`` float32
+features, ``count x 2`` int64 file stamps (size, mtime in ns) and ``count x 32`` bytes of file
+sha256, all in the same order (stamps and digests are zero for images not read from files).
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +36,9 @@ from PIL import Image
 from torch import Tensor
 
 from ..atomic import write_bytes_atomic
+from ..errors import DatasetError
 from ..seeding import derive_seed
-from .datasets import ImageSource
+from .datasets import ImageSource, image_file
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +46,10 @@ Encoder = Callable[[Tensor], Tensor]
 Transform = Callable[[Image.Image], Tensor]
 
 MAGIC = b"FPGPFEAT"
-FORMAT = 1
+FORMAT = 2
 _ALIGN = 64
 _HASH_BLOCK = 1 << 22
+_DIGEST = 32
 
 
 def _view_seed(view: int, index: int) -> int:
@@ -89,7 +99,8 @@ class CorruptCacheError(Exception):
 
 
 class _Entry:
-    """A verified cache file: sorted image indices and their features, memory-mapped."""
+    """A verified cache file: sorted image indices, their features and the stamps and digests of
+    their files, memory-mapped."""
 
     def __init__(self, path: Path, key: str) -> None:
         size = path.stat().st_size
@@ -108,7 +119,7 @@ class _Entry:
             if header.get("key") != key or header.get("format") != FORMAT:
                 raise CorruptCacheError("header names another entry or format")
             offset = len(MAGIC) + 8 + header_length
-            expected = offset + count * 8 + count * dim * 4
+            expected = offset + count * (8 + dim * 4 + 16 + _DIGEST)
             if size != expected:
                 raise CorruptCacheError(f"{size} bytes, expected {expected} (truncated?)")
             body = hashlib.sha256()
@@ -120,20 +131,132 @@ class _Entry:
         if count == 0:
             self.indices = np.empty(0, dtype=np.int64)
             self.features = np.empty((0, dim), dtype=np.float32)
+            self.stamps = np.empty((0, 2), dtype=np.int64)
+            self.digests = np.empty((0, _DIGEST), dtype=np.uint8)
             return
         self.indices = np.memmap(path, dtype=np.int64, mode="r", offset=offset, shape=(count,))
+        offset += count * 8
         self.features = np.memmap(
-            path, dtype=np.float32, mode="r", offset=offset + count * 8, shape=(count, dim)
+            path, dtype=np.float32, mode="r", offset=offset, shape=(count, dim)
+        )
+        offset += count * dim * 4
+        self.stamps = np.memmap(path, dtype=np.int64, mode="r", offset=offset, shape=(count, 2))
+        offset += count * 16
+        self.digests = np.memmap(
+            path, dtype=np.uint8, mode="r", offset=offset, shape=(count, _DIGEST)
+        )
+
+    @cached_property
+    def rows(self) -> _Rows:
+        return _Rows(self.indices, self.features, self.stamps, self.digests)
+
+
+@dataclass
+class _Rows:
+    """Rows of an entry: image indices, their features and the file each was read from."""
+
+    indices: np.ndarray
+    features: np.ndarray
+    stamps: np.ndarray
+    digests: np.ndarray
+
+    def take(self, keep: np.ndarray) -> _Rows:
+        return _Rows(self.indices[keep], self.features[keep], self.stamps[keep], self.digests[keep])
+
+    def join(self, other: _Rows) -> _Rows:
+        """Both sets of rows, sorted by image index."""
+        indices = np.concatenate([self.indices, other.indices])
+        order = np.argsort(indices, kind="stable")
+        return _Rows(
+            indices[order],
+            np.concatenate([self.features, other.features])[order],
+            np.concatenate([self.stamps, other.stamps])[order],
+            np.concatenate([self.digests, other.digests])[order],
         )
 
 
-def _file_bytes(key: str, meta: dict, indices: np.ndarray, features: np.ndarray) -> bytes:
-    body = indices.astype("<i8").tobytes() + features.astype("<f4").tobytes()
+def _file_stamp(path: Path) -> tuple[int, int]:
+    """(size, mtime in ns) of an image file; DatasetError naming it if it is not a file."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise DatasetError(f"image {path}: listed in the split but the file is absent") from None
+    except OSError as exc:
+        raise DatasetError(f"image {path}: cannot be read ({exc})") from exc
+    if not stat.S_ISREG(status.st_mode):
+        raise DatasetError(f"image {path}: expected an image file, found a folder or device")
+    return int(status.st_size), int(status.st_mtime_ns)
+
+
+def _file_digest(path: Path) -> np.ndarray:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise DatasetError(f"image {path}: cannot be read ({exc})") from exc
+    return np.frombuffer(digest.digest(), dtype=np.uint8)
+
+
+def _from_files(images: ImageSource, indices: Sequence[int] | np.ndarray) -> bool:
+    """Whether ``images`` reads from files (a source is all files or none)."""
+    return len(indices) > 0 and image_file(images, int(indices[0])) is not None
+
+
+def _identify(images: ImageSource, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """File stamps (n, 2) and sha256 digests (n, 32) of images ``indices`` (zero where an image
+    is not read from a file)."""
+    stamps = np.zeros((len(indices), 2), dtype=np.int64)
+    digests = np.zeros((len(indices), _DIGEST), dtype=np.uint8)
+    if not _from_files(images, indices):
+        return stamps, digests
+    for row, index in enumerate(indices):
+        path = image_file(images, int(index))
+        if path is not None:
+            stamps[row] = _file_stamp(path)
+            digests[row] = _file_digest(path)
+    return stamps, digests
+
+
+def _changed_files(
+    images: ImageSource, entry: _Entry, indices: np.ndarray
+) -> tuple[list[int], dict[int, tuple[int, int]], Path | None]:
+    """Which of ``indices`` (all held by ``entry``) changed on disk since they were encoded,
+    the new stamps of files touched without a change of content, and one changed file's path."""
+    changed: list[int] = []
+    touched: dict[int, tuple[int, int]] = {}
+    example = None
+    if not _from_files(images, indices):
+        return changed, touched, example
+    rows = np.searchsorted(entry.indices, indices)
+    for index, row in zip(indices.tolist(), rows.tolist(), strict=True):
+        path = image_file(images, index)
+        if path is None:
+            continue
+        stamp = _file_stamp(path)
+        if stamp == tuple(int(v) for v in entry.stamps[row]):
+            continue
+        if np.array_equal(_file_digest(path), entry.digests[row]):
+            touched[index] = stamp
+        else:
+            changed.append(index)
+            example = example or path
+    return changed, touched, example
+
+
+def _file_bytes(key: str, meta: dict, rows: _Rows) -> bytes:
+    body = (
+        rows.indices.astype("<i8").tobytes()
+        + rows.features.astype("<f4").tobytes()
+        + rows.stamps.astype("<i8").tobytes()
+        + rows.digests.astype(np.uint8).tobytes()
+    )
     header = {
         "format": FORMAT,
         "key": key,
-        "count": int(indices.shape[0]),
-        "dim": int(features.shape[1]),
+        "count": int(rows.indices.shape[0]),
+        "dim": int(rows.features.shape[1]),
         "sha256": hashlib.sha256(body).hexdigest(),
         **meta,
     }
@@ -195,27 +318,54 @@ class FeatureCache:
             return torch.empty(0, 0)
         key = self.key(encoder_id, transform, images, view)
         entry = self.load(key)
-        known = np.empty(0, dtype=np.int64) if entry is None else np.asarray(entry.indices)
-        missing = np.setdiff1d(wanted, known)
+        held = self._current_rows(images, entry, np.unique(wanted))
+        missing = np.setdiff1d(wanted, np.empty(0, np.int64) if held is None else held.indices)
         if missing.size:
+            stamps, digests = _identify(images, missing.tolist())
             fresh = encode_images(encoder, images, missing.tolist(), transform, view, batch_size)
+            new = _Rows(missing, fresh.numpy(), stamps, digests)
+            held = new if held is None else held.join(new)
+        if held is not None and (entry is None or held is not entry.rows):
             meta = {
                 "encoder": encoder_id,
                 "transform": repr(transform),
                 "source": images.fingerprint(),
                 "view": view,
             }
-            all_indices = np.concatenate([known, missing])
-            stacked = fresh.numpy() if entry is None else np.concatenate([entry.features, fresh])
-            order = np.argsort(all_indices, kind="stable")
-            data = _file_bytes(key, meta, all_indices[order], stacked[order])
-            write_bytes_atomic(self.path(key), data)
+            write_bytes_atomic(self.path(key), _file_bytes(key, meta, held))
             log.info("feature cache: encoded %d images into %s", missing.size, self.path(key))
             entry = self.load(key)
             if entry is None:
                 raise OSError(f"feature cache: {self.path(key)} could not be read back")
         rows = np.searchsorted(entry.indices, wanted)
         return torch.from_numpy(np.array(entry.features[rows]))
+
+    @staticmethod
+    def _current_rows(
+        images: ImageSource, entry: _Entry | None, needed: np.ndarray
+    ) -> _Rows | None:
+        """The rows of ``entry`` that still describe the images on disk: ``entry.rows`` itself
+        when nothing changed, else a copy without the rows of changed files (and with new
+        stamps for files touched without a change of content)."""
+        if entry is None:
+            return None
+        held = np.intersect1d(needed, entry.indices)
+        changed, touched, example = _changed_files(images, entry, held)
+        if not changed and not touched:
+            return entry.rows
+        if changed:
+            log.warning(
+                "feature cache: %d image(s) changed on disk since they were encoded (%s%s); "
+                "encoding them again",
+                len(changed),
+                example,
+                ", ..." if len(changed) > 1 else "",
+            )
+        stamps = np.array(entry.stamps)
+        for index, stamp in touched.items():
+            stamps[int(np.searchsorted(entry.indices, index))] = stamp
+        rows = _Rows(entry.indices, entry.features, stamps, entry.digests)
+        return rows.take(~np.isin(entry.indices, changed))
 
     def views(
         self,
