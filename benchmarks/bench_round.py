@@ -45,9 +45,10 @@ from benchlib import (
 from torch import Tensor
 
 from fedpgp.config import RunConfig
+from fedpgp.evaluation import evaluate_clients
 from fedpgp.experiment import Experiment, build_experiment
-from fedpgp.federation.server import Server
-from fedpgp.federation.simulation import build_clients, evaluate_clients
+from fedpgp.federation.inprocess import InProcess, inprocess_server
+from fedpgp.methods.registry import FedPGPSettings
 from fedpgp.seeding import torch_generator
 
 NUM_CLIENTS, SHOTS, EPOCHS, N_CTX, RANK = 10, 16, 2, 16, 8
@@ -68,16 +69,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def our_round(experiment: Experiment) -> tuple[dict[str, Tensor], dict[int, dict], list[dict]]:
     """The library's round over the experiment's clients: train, aggregate, evaluate."""
-    cfg, method = experiment.cfg, experiment.method
-    server = Server(method, experiment.initial_global(), cfg.num_clients, cfg.seed)
-    clients = build_clients(experiment)
+    server = inprocess_server(experiment)
+    clients = InProcess(experiment).clients.values()
     server.aggregate([client.train(server.global_tensors, 0) for client in clients])
     params = {client.id: client.params(server.global_tensors) for client in clients}
-    return (
-        server.global_tensors,
-        params,
-        evaluate_clients(experiment, method, params, experiment.client_data),
-    )
+    return server.global_tensors, params, evaluate_clients(experiment, params)
 
 
 class AuthorsLoop:
@@ -110,7 +106,9 @@ class AuthorsLoop:
 
     def train(self, cid: int, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         cfg, backbone = self.experiment.cfg, self.experiment.backbone
-        personal = self.experiment.initial_personal(cid)
+        method, width = self.experiment.method, backbone.text_width
+        initial = method.initial_personal(width, cid)
+        personal = {k: v.to(backbone.device) for k, v in initial.items()}
         leaves = [
             t.detach().clone().requires_grad_(True) for t in (sigma, personal["U"], personal["V"])
         ]
@@ -127,7 +125,8 @@ class AuthorsLoop:
 
     def round(self) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]], dict[int, dict]]:
         data = self.experiment.client_data
-        sigma = self.experiment.initial_global()["sigma"]
+        method, width = self.experiment.method, self.experiment.backbone.text_width
+        sigma = method.initial_global(width)["sigma"].to(self.experiment.backbone.device)
         trained = {cid: self.train(cid, sigma) for cid in sorted(data)}
         total = sum(data[cid].num_train for cid in trained)
         sigma = sum(trained[c][0] * (data[c].num_train / total) for c in trained)
@@ -166,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             lr=0.001,
             grad_clip=None,
             n_ctx=N_CTX,
-            rank=RANK,
-            anchor="official",
+            fedpgp=FedPGPSettings(rank=RANK, anchor="official"),
             augment="none",
             device=args.device,
         )

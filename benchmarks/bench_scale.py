@@ -43,8 +43,7 @@ from benchlib import (
 from fedpgp.config import RunConfig
 from fedpgp.experiment import Experiment, build_experiment
 from fedpgp.federation.client import Client
-from fedpgp.federation.server import Server
-from fedpgp.federation.simulation import build_clients
+from fedpgp.federation.inprocess import InProcess, inprocess_server
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DATASET = "bench-scale-cifar10"
@@ -97,7 +96,10 @@ class AuthorsRound:
         self.prompts = AuthorsPrompts.build(backbone, names, experiment.cfg.n_ctx)
         self.transform = backbone.test_transform()
         # Their server keeps every client's prompt weights and loads them each round.
-        personal = experiment.initial_personal(0)
+        width, device = experiment.backbone.text_width, experiment.backbone.device
+        personal = {
+            k: v.to(device) for k, v in experiment.method.initial_personal(width, 0).items()
+        }
         self.weights = {
             cid: {k: v.clone() for k, v in personal.items()} for cid in experiment.client_data
         }
@@ -152,8 +154,8 @@ def worker(num_clients: int, frac: float, rounds: int) -> dict:
         cfg.partition.kind, cfg.partition.beta, cfg.partition.min_samples = "dirichlet", 1e3, 1
         baseline = resident_bytes()
         experiment = build_experiment(cfg)
-    server = Server(experiment.method, experiment.initial_global(), num_clients, cfg.seed)
-    clients: list[Client] = build_clients(experiment)
+    server = inprocess_server(experiment)
+    clients: dict[int, Client] = InProcess(experiment).clients
     resident = resident_bytes()
     authors = AuthorsRound(experiment)
     ours_cpu, authors_cpu, sampled_counts, steps = [], [], [], []

@@ -38,7 +38,8 @@ from torch import Tensor
 from fedpgp.backbone import BackboneSpec, FrozenCLIP
 from fedpgp.config import RunConfig
 from fedpgp.experiment import resolve_device
-from fedpgp.methods import Method, create_method
+from fedpgp.methods.base import Method, create_method
+from fedpgp.methods.registry import FedPGPSettings
 from fedpgp.prompts import PromptBank
 
 BATCH, N_CTX, RANK, MU, TAU = 16, 16, 8, 0.5, 0.5
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     started = time.perf_counter()
     backbone = FrozenCLIP.load(BackboneSpec("ViT-B-16", None)).to(device)
-    cfg = RunConfig(method="fedpgp", n_ctx=N_CTX, rank=RANK, mu=MU, tau=TAU, anchor="official")
+    fedpgp = FedPGPSettings(rank=RANK, mu=MU, tau=TAU, anchor="official")
+    cfg = RunConfig(method="fedpgp", n_ctx=N_CTX, fedpgp=fedpgp)
     method = create_method(cfg, backbone.logit_scale)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(BATCH, 3, 224, 224, generator=generator).to(device)

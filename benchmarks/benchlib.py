@@ -181,7 +181,13 @@ def authors_local_training(
         order = torch.randperm(labels.shape[0], generator=generator).to(labels.device)
         for batch in order.split(cfg.train_batch_size):
             loss = authors_step_loss(
-                backbone, prompts, images[batch], labels[batch], *leaves, cfg.mu, cfg.tau
+                backbone,
+                prompts,
+                images[batch],
+                labels[batch],
+                *leaves,
+                cfg.fedpgp.mu,
+                cfg.fedpgp.tau,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

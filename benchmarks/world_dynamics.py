@@ -21,10 +21,10 @@ import argparse
 import json
 import sys
 
+from fedpgp.claims import CLAIM_METHODS, CLAIMS, measure
 from fedpgp.compare import parse_seeds
 from fedpgp.config import load_config
 from fedpgp.report import format_table
-from fedpgp.world.claims import CLAIM_METHODS, CLAIMS, measure
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,7 +60,7 @@ def tiny_overrides(data_root: Path, **extra: object) -> list[str]:
         "shots": 4,
         "rounds": 3,
         "n_ctx": 4,
-        "rank": 2,
+        "fedpgp.rank": 2,
         "local_epochs": 1,
     }
     values.update(extra)

@@ -1,3 +1,3 @@
 """fedpgp: federated prompt learning on a frozen CLIP (FedPGP and its baselines)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,13 +1,18 @@
-"""Run checkpoints: everything a run needs to continue exactly where it stopped.
+"""Run checkpoints: everything a run needs to continue exactly where it stopped, and the one
+format of a client's state (its PERSONAL tensors and optimizer buffers by name) that
+checkpoints and a Flower node's state files share.
 
 The checkpoint of a run that has completed ``round`` rounds is two files in
 ``<run dir>/checkpoint/``:
 
-- ``round-NNNNNN.safetensors``: every tensor (the GLOBAL tensors, each client's PERSONAL
-  tensors, the shared optimizer's buffers, torch's RNG state);
-- ``round-NNNNNN.json``: everything else (format version, config and partition digests, the
-  result rows so far, the optimizer's hyper-parameters, numpy's and Python's RNG states), the
-  size and sha256 of the tensor file, and a sha256 of its own content.
+- ``round-NNNNNN.safetensors``: every tensor: ``global/<name>``; ``stored/<client>/<name>``
+  (uploads the server keeps); in process ``client/<client>/personal/<name>`` and the shared
+  optimizer's ``optimizer/<tensor>/<field>`` (a Flower server holds no PERSONAL tensor: they
+  stay on the nodes); ``rng/torch``;
+- ``round-NNNNNN.json``: everything else (format version, the config and partition digests,
+  the result rows so far, CLIP zero-shot's numbers once measured, which round's personal state
+  each Flower node holds, numpy's and Python's RNG states), the size and sha256 of the tensor
+  file, and a sha256 of its own content.
 
 Each file is written to a temp file, fsynced and renamed; the JSON goes last and is the commit
 mark, so a tensor file without its JSON is an interrupted write and is never read. Older
@@ -16,7 +21,8 @@ and JSON only.
 
 A checkpoint is read back only for the config it was written for (every key but the RELOCATABLE
 ones, which say where files lie) and for the same partition (whose digest covers the dataset's
-fingerprint); anything else is a CheckpointError, never a fresh start.
+fingerprint); anything else is a CheckpointError, never a fresh start. Version 1 files (written
+before the shared client-state format) are read too.
 """
 
 from __future__ import annotations
@@ -25,137 +31,89 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from .atomic import write_bytes_atomic, write_text_atomic
-from .config import RunConfig
-from .errors import CheckpointError
-
-if TYPE_CHECKING:
-    from .experiment import Experiment
+from .config import RELOCATABLE, RunConfig, config_changes, describe_changes, run_digest
+from .config import saved_config as config_from_saved
+from .errors import CheckpointError, ConfigError
+from .seeding import check_rng
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fedpgp-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FOLDER = "checkpoint"
 _NAME = re.compile(r"round-\d{6}\.(json|safetensors)")
+
+Tensors = dict[str, Tensor]
+
+PERSONAL_PREFIX = "personal/"
+OPTIMIZER_PREFIX = "optimizer/"
+
+
+def flatten_client_state(
+    personal: Mapping[str, Tensor], optimizer: Mapping[str, Tensor]
+) -> Tensors:
+    """A client's state as one flat mapping: ``personal/<name>`` and the optimizer buffers
+    ``optimizer/<tensor>/<field>`` (see Optimizers.buffers)."""
+    return {
+        **{PERSONAL_PREFIX + k: v for k, v in personal.items()},
+        **{OPTIMIZER_PREFIX + k: v for k, v in optimizer.items()},
+    }
+
+
+def split_client_state(flat: Mapping[str, Tensor]) -> tuple[Tensors, Tensors]:
+    """(PERSONAL tensors, optimizer buffers) of a flat client state; ValueError for a name that
+    is neither."""
+    personal, optimizer = {}, {}
+    for name, value in flat.items():
+        if name.startswith(PERSONAL_PREFIX):
+            personal[name[len(PERSONAL_PREFIX) :]] = value
+        elif name.startswith(OPTIMIZER_PREFIX):
+            optimizer[name[len(OPTIMIZER_PREFIX) :]] = value
+        else:
+            raise ValueError(f"unexpected tensor {name!r} in a client state")
+    return personal, optimizer
 
 
 @dataclass
 class RunState:
-    """A run after ``round`` completed rounds. ``personal`` maps client id to its PERSONAL
-    tensors; ``optimizer`` is the shared optimizer's ``state_dict()`` ({} when none is kept);
-    ``rows`` are the result rows so far and ``pending_faults`` the faults of rounds after the
-    last evaluated one; ``rng`` holds the global torch, numpy and Python RNG states."""
+    """A run after ``round`` completed rounds.
+
+    ``global_tensors`` and ``stored`` (the uploads the server keeps, by client) are the
+    server's; ``personal`` (client -> PERSONAL tensors) and ``optimizer`` (the shared
+    optimizer's buffers by name, {} when none is kept) are every client's in process and empty
+    in a Flower run, whose ``node_rounds`` (partition -> the round of the personal state the
+    server knows it holds) stand in for them. ``rows`` are the result rows so far,
+    ``pending_faults`` the faults of rounds after the last evaluated one, ``zeroshot`` CLIP
+    zero-shot's numbers once measured (at the last round), ``rng`` the global torch, numpy and
+    Python RNG states."""
 
     round: int
-    global_tensors: dict[str, Tensor]
-    personal: dict[int, dict[str, Tensor]]
-    optimizer: dict[str, Any] = field(default_factory=dict)
+    global_tensors: Tensors
+    stored: dict[int, Tensors] = field(default_factory=dict)
+    personal: dict[int, Tensors] = field(default_factory=dict)
+    optimizer: Tensors = field(default_factory=dict)
+    node_rounds: dict[int, int] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
     pending_faults: list[dict] = field(default_factory=list)
+    zeroshot: dict[str, Any] | None = None
     rng: dict[str, Any] = field(default_factory=dict)
-
-
-def capture_rng() -> dict[str, Any]:
-    """The global torch (CPU), numpy and Python RNG states. Every stream the run draws from is
-    derived from the seed (fedpgp.seeding), so these only matter to code outside fedpgp that
-    draws from the global generators; they are carried so that such code resumes exactly too."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
-        "python": [version, list(internal), gauss_next],
-    }
-
-
-def restore_rng(rng: dict[str, Any]) -> None:
-    """Set the global RNGs to states captured by :func:`capture_rng`."""
-    torch.set_rng_state(rng["torch"])
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss_next = rng["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-# Keys that say where files are, not what the run computes: a run moved to another machine may
-# resume with other values. (Data identity is still checked, by the partition digest, which holds
-# the dataset's fingerprint.)
-RELOCATABLE = ("dataset.root", "cache_dir")
-
-
-def config_changes(
-    old: dict[str, Any], new: dict[str, Any], prefix: str = ""
-) -> dict[str, tuple[Any, Any]]:
-    """Dotted key -> (old value, new value) for every key that differs between config dicts."""
-    changes: dict[str, tuple[Any, Any]] = {}
-    for key in sorted(set(old) | set(new), key=str):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes.update(config_changes(a, b, f"{prefix}{key}."))
-        elif a != b:
-            changes[f"{prefix}{key}"] = (a, b)
-    return changes
-
-
-def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
-    """``key: old -> new; ...`` for an error message."""
-    return "; ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in changes.items())
-
-
-def run_digest(cfg: RunConfig) -> str:
-    """sha256 of the config without its RELOCATABLE keys: what a checkpoint must match."""
-    data = cfg.to_dict()
-    for key in RELOCATABLE:
-        *sections, name = key.split(".")
-        node = data
-        for section in sections:
-            node = node[section]
-        node.pop(name, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _split_optimizer(optimizer: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """An optimizer state_dict as (tensors, JSON); tensors are named optimizer/<index>/<field>."""
-    if not optimizer:
-        return {}, {}
-    tensors, state = {}, {}
-    for index, entries in optimizer["state"].items():
-        plain = {}
-        for name, value in entries.items():
-            if isinstance(value, Tensor):
-                tensors[f"optimizer/{index}/{name}"] = value
-            else:
-                plain[name] = value
-        state[str(index)] = plain
-    return tensors, {"param_groups": optimizer["param_groups"], "state": state}
-
-
-def _join_optimizer(tensors: dict[str, Tensor], plain: dict[str, Any]) -> dict[str, Any]:
-    if not plain:
-        return {}
-    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in plain["state"].items()}
-    for name, value in tensors.items():
-        _, index, entry = name.split("/", 2)
-        state.setdefault(int(index), {})[entry] = value
-    return {"state": state, "param_groups": plain["param_groups"]}
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -186,15 +144,15 @@ def save_checkpoint(run_dir: Path, state: RunState, cfg: RunConfig, partition_di
     folder = Path(run_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"round-{state.round:06d}"
-    optimizer_tensors, optimizer_plain = _split_optimizer(state.optimizer)
     tensors = {
         **{f"global/{k}": v for k, v in state.global_tensors.items()},
+        **{f"stored/{cid}/{k}": v for cid, up in state.stored.items() for k, v in up.items()},
         **{
-            f"personal/{cid}/{k}": v
+            f"client/{cid}/{k}": v
             for cid, personal in state.personal.items()
-            for k, v in personal.items()
+            for k, v in flatten_client_state(personal, {}).items()
         },
-        **optimizer_tensors,
+        **{OPTIMIZER_PREFIX + k: v for k, v in state.optimizer.items()},
         "rng/torch": state.rng["torch"],
     }
     # safetensors refuses views that share storage; cloned CPU copies never do.
@@ -207,10 +165,11 @@ def save_checkpoint(run_dir: Path, state: RunState, cfg: RunConfig, partition_di
         "partition_digest": partition_digest,
         "tensor_bytes": len(blob),
         "tensor_sha256": hashlib.sha256(blob).hexdigest(),
-        "optimizer": optimizer_plain,
         "rng": {"numpy": state.rng["numpy"], "python": state.rng["python"]},
         "rows": state.rows,
         "pending_faults": state.pending_faults,
+        "zeroshot": state.zeroshot,
+        "node_rounds": {str(k): v for k, v in sorted(state.node_rounds.items())},
     }
     document = {
         "format": FORMAT,
@@ -231,22 +190,13 @@ def save_checkpoint(run_dir: Path, state: RunState, cfg: RunConfig, partition_di
     return path
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The JSON file of the newest complete checkpoint in ``run_dir``."""
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The JSON files of the complete checkpoints in ``run_dir``, oldest first (a JSON file is
+    the commit mark of its checkpoint; a tensor file alone is an interrupted write)."""
     folder = Path(run_dir) / FOLDER
     if not folder.is_dir():
-        raise CheckpointError(
-            f"{run_dir}: no checkpoint folder {folder}; there is nothing to resume"
-        )
-    # A JSON file is the commit mark of its checkpoint; a tensor file alone is an interrupted write.
-    complete = sorted(
-        p for p in folder.iterdir() if p.suffix == ".json" and _NAME.fullmatch(p.name)
-    )
-    if not complete:
-        raise CheckpointError(
-            f"{folder}: no complete checkpoint (round-NNNNNN.json); there is nothing to resume"
-        )
-    return complete[-1]
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix == ".json" and _NAME.fullmatch(p.name))
 
 
 @dataclass
@@ -257,24 +207,33 @@ class Checkpoint:
     state: RunState
     partition_digest: str
 
-    def check_fits(self, experiment: Experiment) -> None:
-        """CheckpointError unless this checkpoint belongs to ``experiment``: the same partition,
-        and tensors of the names and shapes the method starts from."""
-        digest = experiment.manifest.digest()
-        if digest != self.partition_digest:
+    def check_fits(
+        self,
+        initial_global: Mapping[str, Tensor],
+        initial_personal: Mapping[int, Mapping[str, Tensor]] | None,
+        partition_digest: str,
+    ) -> None:
+        """CheckpointError unless this checkpoint belongs to the run: the same partition, and
+        GLOBAL (and, in process, every client's PERSONAL) tensors of the names, shapes and
+        dtypes the method starts from."""
+        if partition_digest != self.partition_digest:
             raise CheckpointError(
                 f"checkpoint file {self.path}: written for partition {self.partition_digest[:16]}"
-                f"..., but this run's partition is {digest[:16]}... (the dataset or "
+                f"..., but this run's partition is {partition_digest[:16]}... (the dataset or "
                 f"partition.file changed); refusing to mix states"
             )
-        expected = {f"global/{k}": v for k, v in experiment.initial_global().items()}
-        for cid in range(len(experiment.manifest.clients)):
-            expected.update(
-                {f"personal/{cid}/{k}": v for k, v in experiment.initial_personal(cid).items()}
-            )
+        expected = {f"global/{k}": v for k, v in initial_global.items()}
         found = {f"global/{k}": v for k, v in self.state.global_tensors.items()}
-        for cid, personal in self.state.personal.items():
-            found.update({f"personal/{cid}/{k}": v for k, v in personal.items()})
+        if initial_personal is not None:
+            for cid, personal in initial_personal.items():
+                expected.update({f"personal/{cid}/{k}": v for k, v in personal.items()})
+            for cid, personal in self.state.personal.items():
+                found.update({f"personal/{cid}/{k}": v for k, v in personal.items()})
+        elif self.state.personal:
+            raise CheckpointError(
+                f"checkpoint file {self.path}: holds clients' PERSONAL tensors, so it was "
+                f"written by an in-process run; resume it with --runtime inprocess"
+            )
         if set(found) != set(expected):
             missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
             raise CheckpointError(
@@ -287,14 +246,16 @@ class Checkpoint:
                     f"checkpoint file {self.path}: {name} is {value.dtype} {tuple(value.shape)}, "
                     f"expected {expected[name].dtype} {tuple(expected[name].shape)}"
                 )
-        if self.state.optimizer:
-            counts = [len(g["params"]) for g in self.state.optimizer["param_groups"]]
-            trained = len(experiment.method.global_keys) + len(experiment.method.personal_keys)
-            if counts != [trained]:
-                raise CheckpointError(
-                    f"checkpoint file {self.path}: the optimizer state holds {counts} parameters,"
-                    f" the method trains {trained}"
-                )
+
+    def check_optimizer(self, trained: Sequence[str]) -> None:
+        """CheckpointError unless the shared optimizer's buffers are of tensors in ``trained``."""
+        names = {key.rsplit("/", 1)[0] for key in self.state.optimizer}
+        unknown = sorted(names - set(trained))
+        if unknown:
+            raise CheckpointError(
+                f"checkpoint file {self.path}: optimizer buffers of {unknown}, but the method "
+                f"trains {list(trained)}"
+            )
 
 
 def _read_document(path: Path) -> dict[str, Any]:
@@ -309,10 +270,11 @@ def _read_document(path: Path) -> dict[str, Any]:
         ) from exc
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint file {path}: not a fedpgp checkpoint (no '{FORMAT}')")
-    if document.get("version") != VERSION:
+    if document.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(
             f"checkpoint file {path}: format version {document.get('version')!r}, but this "
-            f"fedpgp reads version {VERSION} only"
+            f"fedpgp reads versions {', '.join(map(str, READABLE_VERSIONS))} (a newer fedpgp "
+            f"wrote it?)"
         )
     body = document.get("body")
     if not isinstance(body, dict):
@@ -321,6 +283,7 @@ def _read_document(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint file {path}: content does not match its recorded sha256 (corrupted)"
         )
+    body["version"] = document["version"]
     return body
 
 
@@ -349,72 +312,95 @@ def _read_tensors(path: Path, body: dict[str, Any]) -> dict[str, Tensor]:
         ) from exc
 
 
-def _check_rng(rng: dict[str, Any]) -> None:
-    """Raise ValueError/TypeError unless ``rng`` can be restored; tries it on private
-    generators, leaving the global ones alone."""
-    torch.Generator().set_state(rng["torch"])
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.RandomState().set_state(
-        (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
-    )
-    version, internal, gauss_next = rng["python"]
-    random.Random().setstate((version, tuple(internal), gauss_next))
+def _v1_optimizer(tensors: dict[str, Tensor], trained: Sequence[str]) -> Tensors:
+    """Version 1 named the shared optimizer's buffers by parameter position,
+    ``optimizer/<index>/<field>``, in the order {GLOBAL, PERSONAL} of the method's keys."""
+    named = {}
+    for key, value in tensors.items():
+        _, index, entry = key.split("/", 2)
+        named[f"{trained[int(index)]}/{entry}"] = value
+    return named
 
 
-def _state_from(body: dict[str, Any], tensors: dict[str, Tensor]) -> RunState:
-    global_tensors: dict[str, Tensor] = {}
-    personal: dict[int, dict[str, Tensor]] = {}
-    optimizer: dict[str, Tensor] = {}
+def _state_from(
+    body: dict[str, Any], tensors: dict[str, Tensor], trained: Sequence[str]
+) -> RunState:
+    global_tensors: Tensors = {}
+    stored: dict[int, Tensors] = {}
+    personal: dict[int, Tensors] = {}
+    optimizer: Tensors = {}
     rng_torch = tensors.pop("rng/torch")
     for name, value in tensors.items():
         kind, rest = name.split("/", 1)
         if kind == "global":
             global_tensors[rest] = value
-        elif kind == "personal":
+        elif kind == "stored":
+            cid, key = rest.split("/", 1)
+            stored.setdefault(int(cid), {})[key] = value
+        elif kind == "client":
+            cid, key = rest.split("/", 1)
+            personal.setdefault(int(cid), {}).update(split_client_state({key: value})[0])
+        elif kind == "personal" and body["version"] == 1:
             cid, key = rest.split("/", 1)
             personal.setdefault(int(cid), {})[key] = value
         elif kind == "optimizer":
             optimizer[name] = value
         else:
             raise ValueError(f"unexpected tensor {name!r}")
+    if body["version"] == 1:
+        optimizer = _v1_optimizer(optimizer, trained)
+    else:
+        optimizer = {k[len(OPTIMIZER_PREFIX) :]: v for k, v in optimizer.items()}
     rng = {"torch": rng_torch, "numpy": body["rng"]["numpy"], "python": body["rng"]["python"]}
-    _check_rng(rng)
+    check_rng(rng)
     return RunState(
         round=int(body["round"]),
         global_tensors=global_tensors,
+        stored=stored,
         personal=personal,
-        optimizer=_join_optimizer(optimizer, body["optimizer"]),
+        optimizer=optimizer,
+        node_rounds={int(k): int(v) for k, v in body.get("node_rounds", {}).items()},
         rows=list(body["rows"]),
         pending_faults=list(body["pending_faults"]),
+        zeroshot=body.get("zeroshot"),
         rng=rng,
     )
 
 
-def load_checkpoint(run_dir: Path, cfg: RunConfig) -> Checkpoint:
+def load_checkpoint(run_dir: Path, cfg: RunConfig, trained: Sequence[str] = ()) -> Checkpoint:
     """The newest complete checkpoint of ``run_dir``, checked: format version, its own hash,
-    the tensor file's size and hash, and that it was written for ``cfg``. Every failure is a
-    CheckpointError naming the file and the mismatch; nothing falls back to an older state."""
-    path = latest_checkpoint(run_dir)
+    the tensor file's size and hash, and that it was written for ``cfg``. ``trained`` names the
+    tensors the method trains, in training order (to read version 1's optimizer buffers).
+    Every failure is a CheckpointError naming the file and the mismatch; nothing falls back to
+    an older state. FileNotFoundError when there is no complete checkpoint at all."""
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
+    path = found[-1]
     body = _read_document(path)
     try:
-        stored_round, digest = body["round"], body["config_digest"]
+        stored_round = body["round"]
         if f"round-{stored_round:06d}.json" != path.name:
             raise CheckpointError(
                 f"checkpoint file {path}: holds round {stored_round}, its name says otherwise"
             )
-        if digest != run_digest(cfg):
-            changes = config_changes(body["config"], cfg.to_dict())
+        # The stored config is read as this version reads a run directory's config, so a
+        # checkpoint of an earlier version compares equal to the config it was written for.
+        written_for = config_from_saved(body["config"])
+        if run_digest(written_for) != run_digest(cfg):
+            changes = config_changes(written_for.to_dict(), cfg.to_dict())
             for key in RELOCATABLE:
                 changes.pop(key, None)
             raise CheckpointError(
                 f"checkpoint file {path}: written for another config ("
-                f"{describe_changes(changes) or 'digest ' + digest[:16]}); refusing to mix states"
+                f"{describe_changes(changes) or 'digest ' + body['config_digest'][:16]}); "
+                f"refusing to mix states"
             )
         tensors = _read_tensors(path.with_suffix(".safetensors"), body)
-        state = _state_from(body, tensors)
+        state = _state_from(body, tensors, trained)
         partition_digest = str(body["partition_digest"])
     except CheckpointError:
         raise
-    except (LookupError, TypeError, ValueError, AttributeError) as exc:
+    except (LookupError, TypeError, ValueError, AttributeError, ConfigError) as exc:
         raise CheckpointError(f"checkpoint file {path}: malformed ({exc!r})") from exc
     return Checkpoint(path, state, partition_digest)

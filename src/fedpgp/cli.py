@@ -31,15 +31,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .errors import ConfigError
     from .report import format_run
-    from .runner import default_out_dir, execute, resume
+    from .rundir import default_out_dir
+    from .runner import execute, resume
 
     if args.resume:
-        if args.runtime != "inprocess":
-            raise ConfigError("--resume continues in-process runs only (--runtime inprocess)")
         if args.out:
             raise ConfigError("--resume DIR continues the run in DIR; --out cannot be given too")
         out_dir = Path(args.resume)
-        results = resume(out_dir, args.config, args.overrides)
+        if args.runtime == "flower-sim":
+            from .federation.flower.sim import resume_flower_simulation
+
+            results = resume_flower_simulation(out_dir, args.config, args.overrides)
+        else:
+            results = resume(out_dir, args.config, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
         out_dir = Path(args.out) if args.out else default_out_dir(cfg)
@@ -74,15 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedpgp", description="Federated prompt learning on a frozen CLIP (FedPGP)."
     )
+    from .methods.registry import METHOD_NAMES, methods_help
+
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train one method across simulated clients")
+    run = sub.add_parser(
+        "run",
+        help="train one method across simulated clients",
+        description=f"The methods (config key 'method'):\n{methods_help()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_config_args(run)
     run.add_argument("--out", help="run directory (default: runs/<time>-<method>-<dataset>)")
     run.add_argument(
         "--resume",
         metavar="DIR",
         help="continue the interrupted run in DIR from its last checkpoint, with the config in "
-        "DIR/config.yaml (--config/--set may repeat it but not change it)",
+        "DIR/config.yaml (--config/--set may repeat it but not change it); with the runtime "
+        "it was started with",
     )
     run.add_argument(
         "--runtime",
@@ -92,11 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
         "simulation engine, one virtual SuperNode per client (docs/flower.md)",
     )
     run.set_defaults(func=cmd_run)
-    comp = sub.add_parser("compare", help="several methods on one partition, over seeds")
+    comp = sub.add_parser(
+        "compare",
+        help="several methods on one partition, over seeds",
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     _add_config_args(comp)
     comp.add_argument(
         "--methods",
-        help="comma-separated (default: zeroshot,local,promptfl,fedprox,fedpgp,fedotp)",
+        help=f"comma-separated (default: {','.join(METHOD_NAMES)}); the methods:\n{methods_help()}",
     )
     comp.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     comp.add_argument("--out", help="output folder (default: runs/<time>-compare)")

@@ -15,11 +15,11 @@ from .atomic import write_bytes_atomic, write_text_atomic
 from .config import RunConfig, validate
 from .errors import ConfigError
 from .experiment import build_experiment
-from .federation.simulation import run_simulation, zero_shot_reference
-from .methods import METHODS
+from .federation.inprocess import run_inprocess
+from .methods.registry import METHOD_NAMES, method_class
 from .report import SUMMARY_KEYS, build_results, format_table, results_csv, results_json
 
-DEFAULT_METHODS = ("zeroshot", "local", "promptfl", "fedprox", "fedpgp", "fedotp")
+DEFAULT_METHODS = METHOD_NAMES
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -32,9 +32,9 @@ def parse_list(text: str, what: str) -> list[str]:
 def parse_methods(text: str | None) -> list[str]:
     """Method names from ``a,b,c``; unknown names are a ConfigError."""
     methods = list(DEFAULT_METHODS) if text is None else parse_list(text, "methods")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
-        raise ConfigError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+        raise ConfigError(f"--methods: unknown {unknown}; known: {', '.join(METHOD_NAMES)}")
     return methods
 
 
@@ -148,16 +148,15 @@ def compare(
     for seed in seeds:
         base = build_experiment(
             validate(dataclasses.replace(cfg, seed=seed)),
-            patches=any(METHODS[m].needs_patches for m in methods),
+            patches=any(method_class(m).needs_patches for m in methods),
         )
-        zeroshot = zero_shot_reference(base)
         for method in methods:
             experiment = base.with_method(method)
-            outcome = run_simulation(experiment)
-            results = build_results(experiment.cfg.to_dict(), outcome["rounds"], zeroshot)
+            rounds, zeroshot, _ = run_inprocess(experiment)
+            results = build_results(experiment.cfg.to_dict(), rounds, zeroshot)
             run_dir = out_dir / method / f"seed{seed}"
             write_text_atomic(run_dir / "results.json", results_json(results))
-            write_text_atomic(run_dir / "results.csv", results_csv(outcome["rounds"]))
+            write_text_atomic(run_dir / "results.csv", results_csv(rounds))
             runs[method].append(results)
     rows = summarize_runs(runs)
     title = f"{cfg.dataset.name}: {', '.join(methods)}"

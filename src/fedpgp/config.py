@@ -7,9 +7,11 @@ offline default run (FedPGP on the generated world); ``configs/`` holds the pape
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import re
 import types
@@ -21,8 +23,12 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .methods.registry import METHOD_NAMES, REGISTRY
 
-METHODS = ("zeroshot", "local", "promptfl", "fedprox", "fedpgp", "fedotp")
+log = logging.getLogger(__name__)
+
+# The methods with hyper-parameters, each a section of the config.
+SECTIONS = tuple(info for info in REGISTRY if info.settings is not None)
 
 
 @dataclass
@@ -47,7 +53,7 @@ class DatasetConfig:
 
 @dataclass
 class PartitionConfig:
-    """How training data is split over clients (METHOD.md section 3)."""
+    """How training data is split over clients (docs/method.md section 4)."""
 
     kind: str = "pathological"
     classes: str = "base"
@@ -58,19 +64,9 @@ class PartitionConfig:
 
 
 @dataclass
-class FedOTPConfig:
-    """FedOTP's optimal-transport settings (METHOD.md section 5)."""
-
-    ot: str = "cot"
-    eps: float = 0.01
-    thresh: float = 1e-3
-    max_iter: int = 100
-    top_percent: float = 0.8
-
-
-@dataclass
-class RunConfig:
-    """One federated run. Field names are the YAML keys and the ``--set`` keys."""
+class _RunSettings:
+    """The keys of every run; :data:`RunConfig` adds one section per method with
+    hyper-parameters (``fedpgp``, ``fedprox``, ``fedotp``, ...: fedpgp.methods.registry)."""
 
     method: str = "fedpgp"
     # The defaults are the world's protocol (docs/world.md, "Training on the world"); the
@@ -82,10 +78,6 @@ class RunConfig:
     shots: int | None = 16
     batch_size: int | None = None
     n_ctx: int = 16
-    rank: int = 8
-    mu: float = 0.5
-    tau: float = 0.5
-    prox_mu: float = 0.01
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -95,7 +87,6 @@ class RunConfig:
     eval_every: int = 1
     augment: str = "none"
     views: int = 0
-    anchor: str = "paper"
     optimizer_state: str = "fresh"
     label_space: str = "all"
     device: str = "auto"
@@ -110,7 +101,6 @@ class RunConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
-    fedotp: FedOTPConfig = field(default_factory=FedOTPConfig)
 
     @property
     def train_batch_size(self) -> int:
@@ -141,17 +131,31 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
+RunConfig = dataclasses.make_dataclass(
+    "RunConfig",
+    [(info.name, info.settings, field(default_factory=info.settings)) for info in SECTIONS],
+    bases=(_RunSettings,),
+    namespace={
+        "__doc__": "One federated run. Field names are the YAML keys and the ``--set`` keys; "
+        "each method with hyper-parameters has its own section."
+    },
+)
+RunConfig.__module__ = __name__
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": METHODS,
+    "method": METHOD_NAMES,
     "augment": ("none", "views", "online"),
-    "anchor": ("paper", "official"),
     "optimizer_state": ("fresh", "shared"),
     "label_space": ("all", "client"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "fp32"),
     "partition.kind": ("pathological", "dirichlet", "hierarchical", "domain"),
     "partition.classes": ("base", "all"),
-    "fedotp.ot": ("cot", "sinkhorn"),
+    **{
+        f"{info.name}.{key}": allowed
+        for info in SECTIONS
+        for key, allowed in info.settings.choices.items()
+    },
 }
 
 # torch.manual_seed and numpy take seeds up to 2**64 - 1; derived seeds are 63-bit.
@@ -166,10 +170,6 @@ RANGES: tuple[tuple[str, float | None, float | None, bool], ...] = (
     ("shots", 1, None, True),
     ("batch_size", 1, None, True),
     ("n_ctx", 1, None, True),
-    ("rank", 1, None, True),
-    ("mu", 0, None, True),
-    ("tau", 0, None, False),
-    ("prox_mu", 0, None, True),
     ("lr", 0, None, False),
     ("momentum", 0, 1, True),
     ("weight_decay", 0, None, True),
@@ -185,10 +185,11 @@ RANGES: tuple[tuple[str, float | None, float | None, bool], ...] = (
     ("partition.beta", 0, None, False),
     ("partition.min_samples", 0, None, True),
     ("partition.clients_per_domain", 1, None, True),
-    ("fedotp.eps", 0, None, False),
-    ("fedotp.thresh", 0, None, False),
-    ("fedotp.max_iter", 1, None, True),
-    ("fedotp.top_percent", 0, 1, False),
+    *(
+        (f"{info.name}.{key}", *bounds)
+        for info in SECTIONS
+        for key, *bounds in info.settings.ranges
+    ),
 )
 
 
@@ -258,8 +259,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in hints:
+            # repr: a key may hold a newline, and the message must stay one line
             raise ConfigError(
-                f"unknown config key '{prefix}{key}'; known keys here: {', '.join(names)}"
+                f"unknown config key {prefix + str(key)!r}; known keys here: {', '.join(names)}"
             )
     values = {key: _coerce(f"{prefix}{key}", value, hints[key]) for key, value in data.items()}
     return cls(**values)
@@ -301,12 +303,63 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"min_clients: expected at most the {per_round} clients sampled per round "
             f"(max(int(frac * num_clients), 1)), got {cfg.min_clients}"
         )
+    _notice_idle_rank(cfg)
     return cfg
 
 
+# (rank, n_ctx) pairs already warned about: validate runs several times per run.
+_rank_noticed: set[tuple[int, int]] = set()
+
+
+def _notice_idle_rank(cfg: RunConfig) -> None:
+    """Warn (once per process) when FedPGP's rank exceeds n_ctx: allowed, but wasted."""
+    rank, n_ctx = cfg.fedpgp.rank, cfg.n_ctx
+    if cfg.method != "fedpgp" or rank <= n_ctx or (rank, n_ctx) in _rank_noticed:
+        return
+    _rank_noticed.add((rank, n_ctx))
+    log.warning(
+        "fedpgp.rank %d > n_ctx %d: U V (%d x D) has rank at most %d, so the extra rank only "
+        "adds parameters",
+        rank,
+        n_ctx,
+        n_ctx,
+        n_ctx,
+    )
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives the same key twice (PyYAML would silently keep the last value)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark) -> None:
+        if first.line == second.line:
+            where = f"line {first.line + 1}, columns {first.column + 1} and {second.column + 1}"
+        else:
+            where = f"lines {first.line + 1} and {second.line + 1}"
+        super().__init__(f"key {key!r} given twice ({where})")
+        self.key = key
+
+
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, also reading ``1e-5`` as a float: YAML 1.1 wants ``1.0e-5``, and
-    a learning rate written the usual way would otherwise be the string '1e-5'."""
+    """PyYAML's safe loader, also reading ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``, and
+    a learning rate written the usual way would otherwise be the string '1e-5'), and refusing a
+    key given twice in one mapping (a typo that would otherwise override silently)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                # '<<' merges are overrides by design.
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.get(key)
+                except TypeError:
+                    continue  # an unhashable key: PyYAML's own error names it
+                if earlier is not None:
+                    raise DuplicateKeyError(key, earlier.start_mark, key_node.start_mark)
+                first[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -329,6 +382,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {item!r}: the key is empty")
     try:
         value = _load_yaml(raw) if raw.strip() else ""
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"--set {item!r}: key {exc.key!r} given twice") from None
     except Exception:
         # Not parseable as YAML (an unbalanced bracket, an impossible date: PyYAML raises
         # ValueError and others besides YAMLError): the text itself is the value.
@@ -350,19 +405,51 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _at(mark: yaml.Mark | None) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
+
+
+def _yaml_problem(text: str, exc: Exception) -> str:
+    """What is wrong with the YAML ``text`` and where, on one line (PyYAML's own message
+    spans several, quoting the source)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        problem = exc.problem or exc.context or "malformed"
+        where = _at(exc.problem_mark or exc.context_mark)
+        during = ""
+        if exc.problem and exc.context:
+            during = f" ({exc.context} at {_at(exc.context_mark)})"
+        return _one_line(f"not valid YAML at {where}: {problem}{during}")
+    if isinstance(exc, yaml.reader.ReaderError):
+        before = text[: exc.position]
+        line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
+        return (
+            f"not valid YAML at line {line}, column {column}: character "
+            f"#x{exc.character:04x} is not allowed ({_one_line(exc.reason)})"
+        )
+    # PyYAML raises ValueError, AttributeError, ... on malformed scalars (an impossible
+    # date), not only YAMLError.
+    return _one_line(f"not valid YAML: {exc}")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file; ConfigError naming the file if it is not one."""
     path = Path(path)
     try:
-        data = _load_yaml(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
+    try:
+        data = _load_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
     except Exception as exc:
-        # PyYAML raises ValueError, AttributeError, ... on malformed scalars (an impossible
-        # date), not only YAMLError.
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {path}: {_yaml_problem(text, exc)}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -372,13 +459,103 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Keys that moved into a method's section: the old flat spelling still loads, with a notice.
+MOVED_KEYS = {
+    "rank": "fedpgp.rank",
+    "mu": "fedpgp.mu",
+    "tau": "fedpgp.tau",
+    "anchor": "fedpgp.anchor",
+    "prox_mu": "fedprox.mu",
+}
+_noticed: set[str] = set()
+
+
+def _move_flat_keys(data: dict[str, Any], notice: bool = True) -> dict[str, Any]:
+    """``data`` with every key of MOVED_KEYS moved into its section (a ConfigError when both
+    spellings are given)."""
+    for old, new in MOVED_KEYS.items():
+        if old not in data:
+            continue
+        section, key = new.split(".")
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            continue  # _build names the malformed section
+        if key in target:
+            raise ConfigError(f"{old}: given both as '{old}' and as '{new}'; keep only '{new}'")
+        target[key] = data.pop(old)
+        if notice and old not in _noticed:
+            _noticed.add(old)
+            log.warning("config key '%s' is deprecated: write '%s' (read as that)", old, new)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the YAML file, then ``--set`` overrides; validated."""
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
-    return validate(_build(RunConfig, data))
+    return validate(_build(RunConfig, _move_flat_keys(data)))
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """A validated RunConfig from a plain nested dict (as written to config.yaml)."""
+    """A validated RunConfig from a plain nested dict (as RunConfig.to_dict gives it)."""
+    return validate(_build(RunConfig, _move_flat_keys(copy.deepcopy(data))))
+
+
+# Keys added after a run directory could have been written: a config.yaml without one was
+# written before the key existed, and gets the value that reproduces what that version did,
+# not today's default (which may differ). Keys whose introduction changed nothing are absent.
+VALUE_BEFORE_KEY = {
+    "grad_clip": None,
+}
+
+
+def saved_config(data: dict[str, Any]) -> RunConfig:
+    """The config of a run directory's config.yaml, written by this or an earlier version: flat
+    keys moved into their sections (silently: the file is not the user's to edit) and missing
+    keys given the value of the version that wrote it (:data:`VALUE_BEFORE_KEY`)."""
+    data = _move_flat_keys(copy.deepcopy(data), notice=False)
+    for dotted, value in VALUE_BEFORE_KEY.items():
+        *sections, key = dotted.split(".")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+        node.setdefault(key, value)
     return validate(_build(RunConfig, data))
+
+
+# Keys that say where files are, not what the run computes: a run moved to another machine may
+# resume with other values. (Data identity is still checked, by the partition digest, which holds
+# the dataset's fingerprint.)
+RELOCATABLE = ("dataset.root", "cache_dir")
+
+
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], prefix: str = ""
+) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old value, new value) for every key that differs between config dicts."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.update(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changes[f"{prefix}{key}"] = (a, b)
+    return changes
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """``key: old -> new; ...`` for an error message."""
+    return "; ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in changes.items())
+
+
+def run_digest(cfg: RunConfig) -> str:
+    """sha256 of the config without its RELOCATABLE keys: what a checkpoint, a node's personal
+    state and a resumed run must agree on."""
+    data = cfg.to_dict()
+    for key in RELOCATABLE:
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node[section]
+        node.pop(name, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -19,3 +19,7 @@ class CheckpointError(FedPGPError):
 
 class BackboneError(FedPGPError):
     """CLIP weights cannot be found, downloaded or recognised."""
+
+
+class WriteError(FedPGPError):
+    """A file cannot be written: a full disk, a read-only folder, a folder where a file goes."""

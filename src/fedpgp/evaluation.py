@@ -3,42 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .methods import Method
-from .prompts import PromptBank
+from .experiment import ClientData, EvalSet, Experiment
+from .methods.base import Method
 
 METRICS = ("local", "base", "novel")
-
-
-@dataclass
-class EvalSet:
-    """Frozen features of a test set and its labels as indices into ``bank``."""
-
-    features: Tensor
-    labels: Tensor
-    bank: PromptBank
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-def accuracy(
-    method: Method,
-    params: Mapping[str, Tensor],
-    features: Tensor,
-    labels: Tensor,
-    bank: PromptBank,
-) -> float | None:
-    """Top-1 accuracy in percent; None for an empty set."""
-    if labels.numel() == 0:
-        return None
-    with torch.no_grad():
-        predicted = method.predict(params, bank, features)
-    return float((predicted == labels).float().mean()) * 100.0
 
 
 def harmonic_mean(values: Sequence[float | None]) -> float | None:
@@ -87,3 +59,28 @@ def evaluate_client(
         for name, chunk in zip(names, predicted.split(sizes), strict=True):
             results[name] = float((chunk == present[name].labels).float().mean()) * 100.0
     return results
+
+
+def evaluate_clients(
+    experiment: Experiment, params: Mapping[int, Mapping[str, Tensor]]
+) -> list[dict]:
+    """Per-client rows {id, n_train, local, base, novel} of the clients in ``params`` (client id
+    -> the tensors it predicts with), each with its own prediction context, by client id."""
+    data: Mapping[int, ClientData] = experiment.client_data
+    return [
+        {
+            "id": cid,
+            "n_train": data[cid].num_train,
+            **evaluate_client(
+                experiment.method, params[cid], data[cid].local, experiment.base, experiment.novel
+            ),
+        }
+        for cid in sorted(params)
+    ]
+
+
+def zero_shot_rows(experiment: Experiment, clients: Sequence[int]) -> list[dict]:
+    """CLIP zero-shot's rows for ``clients`` on the same test sets (nothing trained), on pooled
+    features whatever the experiment's method reads."""
+    zeroshot = experiment.with_method("zeroshot")
+    return evaluate_clients(zeroshot, {cid: {} for cid in clients})

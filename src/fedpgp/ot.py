@@ -2,15 +2,17 @@
 
 For each problem (one image, one class) with similarities ``sim`` (M patches x N prompts) and
 cost ``1 - sim``, the plan is T = diag(u) K diag(v) with K = exp(-cost / eps), found by scaling
-iterations from u = v = 1 (METHOD.md section 5):
+iterations from u = v = 1 (docs/method.md section 5):
 
     cot (unbalanced):  a = 1/M, b = top_percent/N,  u = min(a / (K v), 1),  v = b / (K^T u)
     sinkhorn:          a = 1/M, b = 1/N,            u = a / (K v),          v = b / (K^T u)
 
 i.e. u = min(1 / ((diag(1/a) K) v), 1) and v = 1 / ((diag(1/b) K^T) u) as in the authors' code.
-A problem stops when the mean absolute change of its v is below ``thresh``, all of them after
-``max_iter`` iterations. Every problem is solved on its own (a converged one is frozen while the
-others go on), so a plan does not depend on which other images share its batch.
+A problem stops when the mean absolute change of its prompt-side scaling v (cot) or of its
+patch-side scaling u (sinkhorn, against the previous iteration's u, 1 at the start) is below
+``thresh``, as in the authors' code; all of them stop after ``max_iter`` iterations. Every problem
+is solved on its own (a converged one is frozen while the others go on), so a plan does not
+depend on which other images share its batch.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import FedOTPConfig
 from .errors import ConfigError
+from .methods.registry import FedOTPSettings
 
 OT_KINDS = ("cot", "sinkhorn")
 
 
-def marginals(settings: FedOTPConfig, patches: int, prompts: int) -> tuple[float, float]:
+def marginals(settings: FedOTPSettings, patches: int, prompts: int) -> tuple[float, float]:
     """The patch marginal a (each of M) and the prompt marginal b (each of N)."""
     if settings.ot not in OT_KINDS:
         raise ConfigError(f"fedotp.ot: expected one of {', '.join(OT_KINDS)}, got {settings.ot!r}")
@@ -42,7 +44,7 @@ def _patch_scaling(kernel: Tensor, v: Tensor, a: float, cot: bool) -> Tensor:
 
 
 @torch.no_grad()
-def transport_plan(sim: Tensor, settings: FedOTPConfig) -> Tensor:
+def transport_plan(sim: Tensor, settings: FedOTPSettings) -> Tensor:
     """The plan T (..., M, N) for similarities ``sim`` (..., M, N), batched over the leading
     dimensions, without gradient, in the dtype of ``sim``.
 
@@ -61,11 +63,17 @@ def transport_plan(sim: Tensor, settings: FedOTPConfig) -> Tensor:
     # u of an iteration is a function of the previous v: keeping that v (v_prev) instead of u
     # makes freezing a converged problem cheap; u is rebuilt from it at the end.
     v_prev = v
+    # Sinkhorn's stopping rule compares u with the u of the iteration before.
+    u_last = None if cot else kernel.new_ones(rows.shape[1], patches)
     active = torch.ones(rows.shape[1], 1, dtype=torch.bool, device=sim.device)
     for _ in range(settings.max_iter):
         u = _patch_scaling(kernel, v, a, cot)
         v_next = (kernel * u).sum(dim=-1, keepdim=True).reciprocal_().mul_(b)
-        change = (v_next - v).abs_().mean(dim=0)
+        if u_last is None:
+            change = (v_next - v).abs_().mean(dim=0)
+        else:
+            change = (u - u_last).abs_().mean(dim=-1, keepdim=True)
+            u_last = torch.where(active, u, u_last)
         v_prev = torch.where(active, v, v_prev)
         v = torch.where(active, v_next, v)
         # A NaN change compares False and stops its problem; the check below reports it.

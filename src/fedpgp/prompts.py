@@ -10,14 +10,15 @@ import torch
 from torch import Tensor
 
 from .backbone import FrozenCLIP
+from .backbone.text import SharedPrefixEncoder, shared_prefix_supported
+from .data.datasets import normalize_classname
 from .errors import ConfigError
-from .text_encoder import SharedPrefixEncoder, shared_prefix_supported
 
 HAND_CRAFTED = "a photo of a {}."
 
 
 def normal_init(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-    """N(0, 0.02^2), the initialisation of every context tensor (METHOD.md section 1)."""
+    """N(0, 0.02^2), the initialisation of every context tensor (docs/method.md section 1)."""
     return torch.randn(shape, generator=generator) * 0.02
 
 
@@ -35,13 +36,14 @@ class PromptBank:
     """The frozen token embeddings of ``[SOS] . <name> . [EOT]`` for a list of class names, into
     which any context (M x D) is inserted. Built once per class list; cut at the longest EOT.
 
-    Encoding shares the ``[SOS] ctx`` prefix between classes (:mod:`fedpgp.text_encoder`) when the
+    Encoding shares the ``[SOS] ctx`` prefix between classes (:mod:`fedpgp.backbone.text`) when the
     text tower allows it, and otherwise runs the assembled prompts through the text tower.
     """
 
     def __init__(self, backbone: FrozenCLIP, classnames: list[str], n_ctx: int) -> None:
         self.backbone = backbone
-        self.classnames = list(classnames)
+        # Normalised as the loaders do, so "ice_cream" and "ice cream" give the same prompt.
+        self.classnames = [normalize_classname(name) for name in classnames]
         self.n_ctx = n_ctx
         ids, eot = backbone.tokenize([f"{name}." for name in self.classnames])
         needed = int(eot.max()) + 1 + n_ctx

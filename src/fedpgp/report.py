@@ -72,11 +72,15 @@ def results_csv(rounds: Sequence[dict]) -> str:
     return buffer.getvalue()
 
 
+RESULTS = "results.json"
+
+
 def write_results(out_dir: Path, results: Mapping[str, Any], rounds: Sequence[dict]) -> None:
-    """results.json, results.csv and curves.png, each written atomically."""
-    write_text_atomic(out_dir / "results.json", results_json(results))
+    """results.csv, curves.png and results.json, each written atomically; results.json last,
+    since it marks the run finished."""
     write_text_atomic(out_dir / "results.csv", results_csv(rounds))
     write_bytes_atomic(out_dir / "curves.png", curves_png(results["rounds"]))
+    write_text_atomic(out_dir / RESULTS, results_json(results))
 
 
 def curves_png(rounds: Sequence[Mapping[str, Any]], title: str = "") -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedpgp.world.generate import (
+from fedpgp.data.world_images import (
     COLOURS,
     MAX_CLASSES,
     PATTERNS,

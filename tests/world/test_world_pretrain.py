@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import fedpgp.backbone as backbone_module
+import fedpgp.backbone.weights as weights_module
 import fedpgp.world.commands as commands_module
-from fedpgp.backbone import BackboneSpec, FrozenCLIP, create_trainable_clip
+from fedpgp.backbone import BackboneSpec, FrozenCLIP, bpe_tokenizer
 from fedpgp.errors import BackboneError
 from fedpgp.world.commands import install_weights
+from fedpgp.world.model import create_trainable_clip
 from fedpgp.world.pretrain import (
     MODEL_NAME,
     TEMPLATES,
@@ -32,7 +33,7 @@ TINY = PretrainSettings(
 def test_captions_fit_and_reach_the_prompt_learning_positions() -> None:
     model = create_trainable_clip(MODEL_NAME, 0)
     token_map = world_token_map(model.token_embedding.num_embeddings)
-    tokenizer = backbone_module.open_clip.SimpleTokenizer()
+    tokenizer = bpe_tokenizer()
     lengths = [len(tokenizer.encode(text)) + 2 for text in vocabulary_texts()]
     assert max(lengths) <= model.context_length  # nothing is truncated
     # 16 context vectors put a class name at positions 17-19: some caption must train them.
@@ -66,7 +67,7 @@ def test_short_pretraining_is_deterministic_and_installs(tmp_path: Path, monkeyp
 
     package = tmp_path / "package"
     monkeypatch.setattr(commands_module, "PACKAGE_WEIGHTS", package)
-    monkeypatch.setattr(backbone_module, "PACKAGE_WEIGHTS", package)
+    monkeypatch.setattr(weights_module, "PACKAGE_WEIGHTS", package)
     installed = install_weights(first.path, first.sha256)
     assert json.loads((package / "weights.json").read_text())["fedpgp-world:world"] == {
         "file": installed.name,

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from fedpgp.backbone import PACKAGE_WEIGHTS, BackboneSpec, FrozenCLIP
+from fedpgp.data.world_images import MAX_CLASSES, class_names
 from fedpgp.errors import BackboneError
-from fedpgp.world.generate import MAX_CLASSES, class_names
 from fedpgp.world.pretrain import zero_shot_accuracy
 
 

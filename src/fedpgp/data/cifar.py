@@ -19,7 +19,6 @@ from fedpgp.data.datasets import (
     DatasetSplits,
     LabeledSet,
     Problems,
-    coop_classname,
     register,
     require_root,
 )
@@ -223,11 +222,11 @@ def load_cifar(layout: CifarLayout, root: Path) -> DatasetSplits:
         problems.raise_if_any()
     return DatasetSplits(
         name=layout.name,
-        classnames=[coop_classname(n) for n in classnames],
+        classnames=list(classnames),
         train=labeled("train"),
         test=labeled("test"),
         coarse_labels=coarse_labels,
-        coarse_names=None if coarse_names is None else [coop_classname(n) for n in coarse_names],
+        coarse_names=None if coarse_names is None else list(coarse_names),
     )
 
 

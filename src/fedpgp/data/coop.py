@@ -15,9 +15,8 @@ from fedpgp.data.datasets import (
     FileImages,
     LabeledSet,
     Problems,
+    check_listed_files,
     check_relative,
-    coop_classname,
-    missing_files,
     register,
     require_root,
 )
@@ -180,7 +179,7 @@ def _class_table(
             f"found {labels[:10]}{'...' if len(labels) > 10 else ''}"
         )
         return []
-    return [coop_classname(str(usual_name[label])) for label in labels]
+    return [str(usual_name[label]) for label in labels]
 
 
 def load_coop(layout: CoOpLayout, root: Path) -> DatasetSplits:
@@ -209,11 +208,8 @@ def load_coop(layout: CoOpLayout, root: Path) -> DatasetSplits:
         )
     else:
         for split in SPLITS:
-            for relpath in missing_files(image_dir, (e[0] for e in entries[split])):
-                problems.add(
-                    f"image {image_dir / relpath}: listed in {split} of "
-                    f"{split_path.name} but absent"
-                )
+            listed_in = f"{split} of {split_path.name}"
+            check_listed_files(image_dir, (e[0] for e in entries[split]), listed_in, problems)
     for split in ("train", "test"):
         if not data[split]:
             problems.add(f"split file {split_path}: key '{split}' is an empty list")

@@ -236,6 +236,11 @@ class DatasetSplits:
     coarse_names: list[str] | None = None
 
     def __post_init__(self) -> None:
+        # Every loader's names, spelled as PromptBank spells them.
+        object.__setattr__(self, "classnames", [normalize_classname(n) for n in self.classnames])
+        if self.coarse_names is not None:
+            normalized = [normalize_classname(n) for n in self.coarse_names]
+            object.__setattr__(self, "coarse_names", normalized)
         num_classes = len(self.classnames)
         for split, labeled in (("train", self.train), ("test", self.test), ("val", self.val)):
             if labeled is None or len(labeled) == 0:
@@ -358,21 +363,30 @@ class Problems:
             raise DatasetProblemsError(self.dataset, self.location, self.items)
 
 
-def missing_files(root: Path, relpaths: Iterable[str]) -> list[str]:
-    """Relative paths under `root` that are not files; one directory listing per folder."""
-    listings: dict[str, set[str] | None] = {}
-    missing = []
+def check_listed_files(
+    root: Path, relpaths: Iterable[str], listed_in: str, problems: Problems
+) -> None:
+    """Record a problem for each relative path under `root` that is not a regular file: absent,
+    or a folder (or a broken link) of that name. One directory scan per folder and no stat per
+    file, so that checking a large dataset stays cheap."""
+    listings: dict[str, dict[str, os.DirEntry[str]]] = {}
     for relpath in relpaths:
         folder, _, filename = relpath.rpartition("/")
         if folder not in listings:
             try:
-                listings[folder] = set(os.listdir(root / folder))
+                with os.scandir(root / folder) as entries:
+                    listings[folder] = {entry.name: entry for entry in entries}
             except (FileNotFoundError, NotADirectoryError):
-                listings[folder] = None
-        names = listings[folder]
-        if names is None or filename not in names:
-            missing.append(relpath)
-    return missing
+                listings[folder] = {}
+        entry = listings[folder].get(filename)
+        if entry is None:
+            problems.add(f"image {root / relpath}: listed in {listed_in} but absent")
+        elif not entry.is_file():  # the scan's file type: no stat unless it is a link
+            found = "a folder" if entry.is_dir() else "a broken link or a special file"
+            problems.add(
+                f"image {root / relpath}: listed in {listed_in}; expected an image file, "
+                f"found {found}"
+            )
 
 
 def check_relative(relpath: str) -> bool:
@@ -381,6 +395,7 @@ def check_relative(relpath: str) -> bool:
     return bool(relpath) and not relpath.startswith("/") and ".." not in parts
 
 
-def coop_classname(name: str) -> str:
-    """CoOp's spelling of a class name: underscores become spaces."""
-    return name.replace("_", " ").strip()
+def normalize_classname(name: str) -> str:
+    """The one spelling of a class name that prompts are built from (CoOp's): underscores
+    become spaces, runs of white space one space, and the ends are stripped."""
+    return " ".join(name.replace("_", " ").split())

@@ -26,9 +26,8 @@ from fedpgp.data.datasets import (
     FileImages,
     LabeledSet,
     Problems,
+    check_listed_files,
     check_relative,
-    coop_classname,
-    missing_files,
     register,
     require_root,
 )
@@ -63,13 +62,23 @@ class ListEntry:
     where: str
 
 
-def _select_domains(name: str, domains: Sequence[str] | None, known: Sequence[str]) -> list[str]:
+def _select_domains(
+    name: str, domains: str | Sequence[str] | None, known: Sequence[str]
+) -> list[str]:
     if domains is None:
         return list(known)
+    # `--set dataset.options.domains=amazon` gives a string: one domain, not its letters.
+    if isinstance(domains, str):
+        domains = [domains]
+    if not isinstance(domains, (list, tuple)) or not all(isinstance(d, str) for d in domains):
+        raise ConfigError(
+            f"dataset.options.domains of '{name}': expected a domain name or a list of them "
+            f"(of {', '.join(known)}), found {domains!r}"
+        )
     unknown = [d for d in domains if d not in known]
     if unknown or not domains:
         raise ConfigError(
-            f"dataset option 'domains' of '{name}': expected a non-empty subset of "
+            f"dataset.options.domains of '{name}': expected a non-empty subset of "
             f"{', '.join(known)}, found {list(domains)}"
         )
     return [d for d in known if d in domains]
@@ -179,8 +188,8 @@ def _add_from_lists(
             ]
     _check_list_labels([e for items in entries.values() for e in items], problems)
     for (domain, split), items in entries.items():
-        for relpath in missing_files(folder, (e.relpath for e in items)):
-            problems.add(f"image {folder / relpath}: listed in {domain}_{split}.txt but absent")
+        listed_in = f"{domain}_{split}.txt"
+        check_listed_files(folder, (e.relpath for e in items), listed_in, problems)
         present = {e.classname for e in items}
         for classname in classes:
             if classname not in present and (folder / f"{domain}_{split}.txt").is_file():
@@ -193,8 +202,9 @@ def _add_from_lists(
 
 
 @register("office_caltech10")
-def load_office_caltech10(root: Path, domains: Sequence[str] | None = None) -> DatasetSplits:
+def load_office_caltech10(root: Path, domains: str | Sequence[str] | None = None) -> DatasetSplits:
     """Office-Caltech10 under `root/office_caltech10/<domain>/<class>/*.jpg`."""
+    selected = _select_domains("office_caltech10", domains, OFFICE_DOMAINS)
     folder = _find_folder(
         root,
         ("office_caltech10", "office_caltech_10"),
@@ -202,7 +212,6 @@ def load_office_caltech10(root: Path, domains: Sequence[str] | None = None) -> D
         "<domain>/<class>/*.jpg for domains " + ", ".join(OFFICE_DOMAINS),
         OFFICE_URL,
     )
-    selected = _select_domains("office_caltech10", domains, OFFICE_DOMAINS)
     problems = Problems("office_caltech10", folder)
     per_domain: dict[str, list[str]] = {}
     for domain in selected:
@@ -235,7 +244,7 @@ def load_office_caltech10(root: Path, domains: Sequence[str] | None = None) -> D
     problems.raise_if_any()
     return DatasetSplits(
         name="office_caltech10",
-        classnames=[coop_classname(c) for c in classes],
+        classnames=list(classes),
         train=splits["train"].build(folder),
         test=splits["test"].build(folder),
         domain_names=selected,
@@ -270,8 +279,9 @@ def _add_by_rule(
 
 
 @register("domainnet")
-def load_domainnet(root: Path, domains: Sequence[str] | None = None) -> DatasetSplits:
+def load_domainnet(root: Path, domains: str | Sequence[str] | None = None) -> DatasetSplits:
     """DomainNet's 10-class subset under `root/domainnet/` with the official list files."""
+    selected = _select_domains("domainnet", domains, DOMAINNET_DOMAINS)
     folder = _find_folder(
         root,
         ("domainnet", "DomainNet"),
@@ -280,7 +290,6 @@ def load_domainnet(root: Path, domains: Sequence[str] | None = None) -> DatasetS
         + ", ".join(DOMAINNET_DOMAINS),
         DOMAINNET_URL,
     )
-    selected = _select_domains("domainnet", domains, DOMAINNET_DOMAINS)
     problems = Problems("domainnet", folder)
     for domain in selected:
         if not (folder / domain).is_dir():
@@ -293,7 +302,7 @@ def load_domainnet(root: Path, domains: Sequence[str] | None = None) -> DatasetS
     problems.raise_if_any()
     return DatasetSplits(
         name="domainnet",
-        classnames=[coop_classname(c) for c in classes],
+        classnames=list(classes),
         train=splits["train"].build(folder),
         test=splits["test"].build(folder),
         domain_names=selected,

@@ -20,6 +20,7 @@ sha256, all in the same order (stamps and digests are zero for images not read f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..atomic import write_bytes_atomic
-from ..errors import DatasetError
+from ..errors import DatasetError, WriteError
 from ..seeding import derive_seed
 from .datasets import ImageSource, image_file
 
@@ -266,12 +267,25 @@ def _file_bytes(key: str, meta: dict, rows: _Rows) -> bytes:
     return MAGIC + len(text).to_bytes(8, "little") + text + body
 
 
+# Cache folders already warned about: a cache that cannot be used says so once per process,
+# not once per entry.
+_warned: set[Path] = set()
+
+
 class FeatureCache:
     """Image features on disk under ``root/features``, keyed by encoder, transform, image
-    source and view (see the module docstring)."""
+    source and view (see the module docstring). A cache that cannot be read or written (a
+    read-only folder, a file in its place) is a warning, not an error: features are computed
+    as they would be without it."""
 
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = (Path(root).expanduser() if root else default_cache_dir()) / "features"
+
+    def _warn_once(self, problem: str) -> None:
+        if self.root in _warned:
+            return
+        _warned.add(self.root)
+        log.warning("feature cache: %s; going on without storing what cannot be stored", problem)
 
     @staticmethod
     def key(encoder_id: str, transform: object, images: ImageSource, view: int | None) -> str:
@@ -296,9 +310,14 @@ class FeatureCache:
             return _Entry(path, key)
         except FileNotFoundError:
             return None
-        except (CorruptCacheError, OSError) as exc:
+        except CorruptCacheError as exc:
             log.warning("feature cache: %s is unusable (%s); rebuilding it", path, exc)
-            path.unlink(missing_ok=True)
+            # In a read-only folder the file stays; storing the rebuilt entry warns then.
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            return None
+        except OSError as exc:  # a folder at the entry's path, a file in the cache's place
+            self._warn_once(f"cannot read {path} ({exc.strerror or exc})")
             return None
 
     def features(
@@ -332,13 +351,14 @@ class FeatureCache:
                 "source": images.fingerprint(),
                 "view": view,
             }
-            write_bytes_atomic(self.path(key), _file_bytes(key, meta, held))
-            log.info("feature cache: encoded %d images into %s", missing.size, self.path(key))
-            entry = self.load(key)
-            if entry is None:
-                raise OSError(f"feature cache: {self.path(key)} could not be read back")
-        rows = np.searchsorted(entry.indices, wanted)
-        return torch.from_numpy(np.array(entry.features[rows]))
+            try:
+                write_bytes_atomic(self.path(key), _file_bytes(key, meta, held))
+            except WriteError as exc:
+                self._warn_once(str(exc))
+            else:
+                log.info("feature cache: encoded %d images into %s", missing.size, self.path(key))
+        rows = np.searchsorted(held.indices, wanted)
+        return torch.from_numpy(np.array(held.features[rows]))
 
     @staticmethod
     def _current_rows(

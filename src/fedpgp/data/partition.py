@@ -1,4 +1,4 @@
-"""Client partitions (METHOD.md section 3), written down as a `PartitionManifest`.
+"""Client partitions (docs/method.md section 4), written down as a `PartitionManifest`.
 
 Every kind draws all its randomness from one `np.random.default_rng(seed)` and produces sorted
 index lists: train indices into `splits.train`, test indices into `splits.test`. The manifest is
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpgp.atomic import write_text_atomic
-from fedpgp.data.datasets import DatasetSplits, LabeledSet
+from fedpgp.data.datasets import DatasetSplits
 from fedpgp.data.splits import base_novel_split, sample_shots
 from fedpgp.errors import ConfigError, DatasetError
 
@@ -71,6 +71,10 @@ class PartitionManifest:
         """Deterministic JSON (sorted keys, compact): equal manifests give equal bytes."""
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")) + "\n"
 
+    def sample_counts(self) -> dict[int, int]:
+        """Client id -> its number of training samples (the n_i the server weighs by)."""
+        return {client.id: len(client.train) for client in self.clients}
+
     def digest(self) -> str:
         """sha256 hex of `to_json()`."""
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
@@ -95,6 +99,17 @@ class PartitionManifest:
             raise DatasetError(
                 f"partition manifest {source}: expected valid JSON, found an error at line "
                 f"{exc.lineno} column {exc.colno}: {exc.msg}"
+            ) from exc
+        return _manifest_from_dict(data, source)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> PartitionManifest:
+        """A manifest sent as text (``source`` names the sender); DatasetError if malformed."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(
+                f"partition manifest from {source}: invalid JSON ({exc.msg})"
             ) from exc
         return _manifest_from_dict(data, source)
 
@@ -132,11 +147,6 @@ class PartitionManifest:
                     f"found {classes[0]}..{classes[-1]}"
                 )
 
-    def client_sets(self, splits: DatasetSplits, client: int) -> tuple[LabeledSet, LabeledSet]:
-        """Client `client`'s training set and local test set, as views of `splits`."""
-        part = self.clients[client]
-        return splits.train.subset(part.train), splits.test.subset(part.test)
-
 
 def _sorted_ints(value: object) -> bool:
     return (
@@ -146,7 +156,7 @@ def _sorted_ints(value: object) -> bool:
     )
 
 
-def _manifest_from_dict(data: object, source: Path) -> PartitionManifest:
+def _manifest_from_dict(data: object, source: Path | str) -> PartitionManifest:
     def bad(key: str, expected: str, found: object) -> DatasetError:
         return DatasetError(
             f"partition manifest {source}: key '{key}': expected {expected}, "

@@ -1,4 +1,4 @@
-"""Base / novel class split and k-shot sampling (METHOD.md section 3)."""
+"""Base / novel class split and k-shot sampling (docs/method.md section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dataset ``world``: the offline world of ``fedpgp.world.generate``, no files needed.
+"""Dataset ``world``: the offline world of ``fedpgp.data.world_images``, no files needed.
 
 Styles: every base class (label < ceil(C/2), the split rule of ``fedpgp.data.splits``) is seen
 under one style (a colour cast, low contrast, blur, noise, ...), drawn once from the world seed
@@ -17,8 +17,7 @@ import numpy as np
 
 from fedpgp.data.datasets import DatasetSplits, LabeledSet, register
 from fedpgp.data.splits import base_novel_split
-from fedpgp.errors import ConfigError
-from fedpgp.world.generate import (
+from fedpgp.data.world_images import (
     COLOURS,
     MAX_CLASSES,
     PATTERNS,
@@ -27,6 +26,7 @@ from fedpgp.world.generate import (
     WorldImages,
     class_names,
 )
+from fedpgp.errors import ConfigError
 
 # Both halves of the class list hold every part once they have 6 classes each.
 MIN_CLASSES = 2 * max(len(COLOURS), len(SHAPES), len(PATTERNS))

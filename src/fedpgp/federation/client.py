@@ -2,51 +2,35 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..data.features import OnlineViews
-from ..evaluation import EvalSet
-from ..methods import Method, Tensors
-from ..prompts import PromptBank
+from ..config import RunConfig
+from ..experiment import ClientData
+from ..methods.base import Method, Tensors
 from ..seeding import derive_seed, torch_generator
+from .faults import ClientTimeoutError
 from .update import Update
-
-
-@dataclass
-class ClientData:
-    """Frozen image features of one client. ``train_features`` is (views, n, E); labels index
-    into ``local.bank``, the client's label space (all base classes, or its own). With
-    ``online`` set (``augment: online``) every batch is augmented and encoded afresh instead,
-    and ``train_features`` holds no view."""
-
-    train_features: Tensor
-    train_labels: Tensor
-    local: EvalSet
-    online: OnlineViews | None = None
-
-    @property
-    def bank(self) -> PromptBank:
-        return self.local.bank
-
-    @property
-    def num_train(self) -> int:
-        return int(self.train_labels.shape[0])
 
 
 class Optimizers:
     """SGD for local rounds. ``fresh`` builds one per local round (the default); ``shared``
-    keeps one optimizer, and so its momentum, across clients and rounds as the authors'
-    code does."""
+    keeps one optimizer, and so its momentum, across rounds (in process: across clients too,
+    as the authors' code does)."""
 
     def __init__(self, mode: str, lr: float, momentum: float, weight_decay: float) -> None:
         self.mode = mode
         self.hyper = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         self._params: dict[str, Tensor] = {}
         self._optimizer: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Optimizers:
+        """The optimizer policy of a run: both runtimes build it here and nowhere else."""
+        return cls(cfg.optimizer_state, cfg.lr, cfg.momentum, cfg.weight_decay)
 
     def prepare(self, values: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], torch.optim.SGD]:
         """Trainable copies of ``values`` and the optimizer that updates them."""
@@ -61,14 +45,43 @@ class Optimizers:
                 self._params[key].copy_(value)
         return self._params, self._optimizer
 
-    def state_dict(self) -> dict:
-        """The shared optimizer's state (empty for ``fresh``), for checkpoints."""
-        return {} if self._optimizer is None else self._optimizer.state_dict()
+    def buffers(self) -> Tensors:
+        """The kept optimizer's state by parameter name, ``<name>/<field>`` ({} when none is
+        kept): the format of checkpoints and of a node's state file."""
+        if self._optimizer is None:
+            return {}
+        names = list(self._params)
+        state = self._optimizer.state_dict()["state"]
+        return {
+            f"{names[index]}/{field}": value.detach().clone()
+            for index, entries in state.items()
+            for field, value in entries.items()
+            if isinstance(value, Tensor)
+        }
+
+    def load_buffers(self, values: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> None:
+        """Build the kept optimizer for ``values`` (the tensors it trains, in training order)
+        and give it ``buffers`` as :meth:`buffers` wrote them; ValueError for a buffer of a
+        tensor it does not train."""
+        if not buffers:
+            return
+        names = list(values)
+        unknown = sorted({key.rsplit("/", 1)[0] for key in buffers} - set(names))
+        if unknown:
+            raise ValueError(f"optimizer buffers for unknown parameters {unknown}")
+        params, optimizer = self.prepare(values)
+        state: dict[int, dict[str, Tensor]] = {}
+        for key, value in buffers.items():
+            name, field = key.rsplit("/", 1)
+            state.setdefault(names.index(name), {})[field] = value.to(params[name].device)
+        groups = optimizer.state_dict()["param_groups"]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 class Client:
-    """Client ``client_id``: trains on its data starting from the received GLOBAL tensors and
-    its own PERSONAL tensors, keeps the new PERSONAL tensors, and returns only the GLOBAL ones."""
+    """Client ``client_id``: trains on its data starting from what it received (the GLOBAL
+    tensors and whatever else the server sends) and its own PERSONAL tensors, keeps the new
+    PERSONAL tensors, and returns only what the method uploads."""
 
     def __init__(
         self,
@@ -88,7 +101,7 @@ class Client:
 
     def params(self, global_tensors: Mapping[str, Tensor]) -> Tensors:
         """Every tensor this client predicts with: the GLOBAL ones and its own PERSONAL ones."""
-        return {**global_tensors, **self.personal}
+        return {**{k: global_tensors[k] for k in self.method.global_keys}, **self.personal}
 
     def _batch_features(self, batch: Tensor, round: int, epoch: int, step: int) -> Tensor:
         """Image features of ``batch``: the stored view of this epoch (a fresh crop per epoch
@@ -99,24 +112,30 @@ class Client:
         views = self.data.train_features
         return views[(round * self.method.cfg.local_epochs + epoch) % views.shape[0]][batch]
 
-    def train(self, global_tensors: Mapping[str, Tensor], round: int) -> Update:
-        """One local round (``local_epochs`` passes over the client's data)."""
+    def train(
+        self, received: Mapping[str, Tensor], round: int, deadline: float | None = None
+    ) -> Update:
+        """One local round (``local_epochs`` passes over the client's data) from ``received``.
+        Past ``deadline`` (``time.monotonic()`` seconds), checked before every step, it stops
+        with ClientTimeoutError and keeps its PERSONAL tensors as they were."""
         cfg = self.method.cfg
         if not self.method.trains:
-            return Update.from_params(self.id, round, {}, (), self.data.num_train, {})
-        params, optimizer = self.optimizers.prepare(self.params(global_tensors))
+            return Update(self.id, round, {}, self.data.num_train, {})
+        params, optimizer = self.optimizers.prepare(self.params(received))
         device = self.data.train_labels.device
         order_rng = torch_generator(self.seed, "order", round, self.id)
         losses = []
         for epoch in range(cfg.local_epochs):
             order = torch.randperm(self.data.num_train, generator=order_rng)
             for step, batch in enumerate(order.to(device).split(cfg.train_batch_size)):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ClientTimeoutError(f"stopped after {len(losses)} steps")
                 loss = self.method.loss(
                     params,
                     self._batch_features(batch, round, epoch, step),
                     self.data.train_labels[batch],
                     self.data.bank,
-                    global_tensors,
+                    received,
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -124,13 +143,14 @@ class Client:
                     torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
                 optimizer.step()
                 losses.append(loss.detach())
-        self.personal = {key: params[key].detach().clone() for key in self.method.personal_keys}
+        kept = self.method.keep(params, received)
+        self.personal = {key: value.detach().clone() for key, value in kept.items()}
+        upload = self.method.upload(params, received)
+        if set(upload) != set(self.method.upload_keys):
+            raise RuntimeError(
+                f"method {self.method.name} uploads {sorted(upload)}, but declares "
+                f"{sorted(self.method.upload_keys)}"
+            )
         mean_loss = float(torch.stack(losses).mean()) if losses else 0.0
-        return Update.from_params(
-            self.id,
-            round,
-            params,
-            self.method.global_keys,
-            self.data.num_train,
-            {"loss": mean_loss},
-        )
+        tensors = {key: value.detach().clone() for key, value in upload.items()}
+        return Update(self.id, round, tensors, self.data.num_train, {"loss": mean_loss})

@@ -1,14 +1,19 @@
-"""The server: GLOBAL tensors, client sampling and n_i-weighted aggregation."""
+"""The server's policy: which clients train each round, what each is sent, which replies are
+sound, and how the sound uploads become the new GLOBAL tensors. It knows no transport: both
+runtimes hand it Updates and Faults and take what it decides."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from ..methods import Method, Tensors
+from ..checkpoint import RunState
+from ..methods.base import Method, Tensors
 from ..seeding import numpy_rng
+from .faults import Fault, RoundFailedError
 from .update import Update
 
 log = logging.getLogger(__name__)
@@ -16,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def sample_clients(round: int, num_clients: int, frac: float, seed: int) -> list[int]:
     """Round 0 trains every client; later rounds draw max(int(frac*K), 1) clients uniformly
-    without replacement from the run seed (METHOD.md section 2)."""
+    without replacement from the run seed (docs/method.md section 3)."""
     if round == 0:
         return list(range(num_clients))
     count = max(int(frac * num_clients), 1)
@@ -24,36 +29,57 @@ def sample_clients(round: int, num_clients: int, frac: float, seed: int) -> list
     return sorted(int(c) for c in chosen)
 
 
-def weighted_mean(updates: list[Update], keys: tuple[str, ...]) -> Tensors:
-    """sum_i (n_i / sum_j n_j) * tensor_i for each key."""
-    total = sum(u.num_samples for u in updates)
-    return {
-        key: sum(u.tensors[key].double() * (u.num_samples / total) for u in updates).float()
-        for key in keys
-    }
-
-
 class Server:
-    """Holds the GLOBAL tensors; samples clients and aggregates their Updates."""
+    """Holds the GLOBAL tensors (and, for methods that keep them, every client's latest
+    upload); samples clients, screens their replies and combines the sound uploads.
+
+    ``sample_counts`` (client id -> number of training samples, from the partition manifest)
+    makes a reply that claims another n_i unusable: a client cannot weigh itself up."""
 
     def __init__(
-        self, method: Method, global_tensors: Tensors, num_clients: int, seed: int
+        self,
+        method: Method,
+        global_tensors: Tensors,
+        num_clients: int,
+        seed: int,
+        sample_counts: Mapping[int, int] | None = None,
     ) -> None:
         self.method = method
         self.global_tensors = global_tensors
         self.num_clients = num_clients
         self.seed = seed
+        self.sample_counts = dict(sample_counts) if sample_counts is not None else None
+        self.stored: dict[int, Tensors] = {}
 
     def sample(self, round: int) -> list[int]:
         return sample_clients(round, self.num_clients, self.method.cfg.frac, self.seed)
 
+    def sends(self, client_id: int, round: int) -> Tensors:
+        """What client ``client_id`` receives for ``round``: the GLOBAL tensors and whatever
+        the method adds from the uploads the server keeps."""
+        extra = self.method.server_sends(client_id, round, self.stored)
+        clash = set(extra) & set(self.global_tensors)
+        if clash:
+            raise RuntimeError(f"method {self.method.name} sends {sorted(clash)} twice")
+        return {**self.global_tensors, **extra}
+
     def check(self, update: Update) -> str | None:
-        """Why ``update`` must not be averaged in, or None if it is sound."""
-        expected = set(self.method.global_keys)
+        """Why ``update`` must not be combined, or None if it is sound: exactly the tensors the
+        method uploads, each of the shape and dtype of the GLOBAL tensor of its name and
+        finite, from a known client with its true sample count."""
+        if not 0 <= update.client_id < self.num_clients:
+            return f"from unknown client {update.client_id}"
+        expected = set(self.method.upload_keys)
         if set(update.tensors) != expected:
             return f"tensors {sorted(update.tensors)} but expected {sorted(expected)}"
-        if not isinstance(update.num_samples, int) or update.num_samples <= 0:
-            return f"num_samples must be a positive int, got {update.num_samples!r}"
+        count = update.num_samples
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            return f"num_samples must be a positive int, got {count!r}"
+        if self.sample_counts is not None and count != self.sample_counts[update.client_id]:
+            return (
+                f"num_samples {count}, but client {update.client_id} holds "
+                f"{self.sample_counts[update.client_id]} training samples"
+            )
         for key, value in update.tensors.items():
             reference: Tensor = self.global_tensors[key]
             if not isinstance(value, Tensor) or value.shape != reference.shape:
@@ -65,22 +91,52 @@ class Server:
                 return f"{key} has non-finite values"
         return None
 
-    def aggregate(self, updates: list[Update]) -> list[tuple[int, str]]:
-        """Average the sound updates into the GLOBAL tensors; returns the rejected ones
-        as (client id, reason)."""
-        accepted, rejected = [], []
-        for update in updates:
-            reason = self.check(update)
+    def screen(
+        self, round: int, replies: Sequence[Update | Fault], min_clients: int
+    ) -> tuple[list[Update], list[Fault]]:
+        """The usable updates of 0-based ``round`` and the faults (unusable updates included).
+        Raises RoundFailedError when fewer than ``min_clients`` updates are usable."""
+        accepted: list[Update] = []
+        faults: list[Fault] = []
+        for reply in replies:
+            if isinstance(reply, Fault):
+                faults.append(reply)
+                continue
+            reason = self.check(reply)
             if reason is None:
-                accepted.append(update)
+                accepted.append(reply)
             else:
                 log.warning(
-                    "round %d: dropped update of client %d: %s",
-                    update.round,
-                    update.client_id,
-                    reason,
+                    "round %d: dropped update of client %d: %s", round + 1, reply.client_id, reason
                 )
-                rejected.append((update.client_id, reason))
+                faults.append(Fault(reply.client_id, round + 1, f"unusable update: {reason}"))
+        if len(accepted) < min_clients:
+            details = "; ".join(f"client {f.client} {f.reason}" for f in faults)
+            raise RoundFailedError(
+                f"round {round + 1}: {len(accepted)} of {len(replies)} sampled clients sent a "
+                f"usable update, min_clients is {min_clients} ({details})"
+            )
+        return accepted, faults
+
+    def aggregate(self, accepted: Sequence[Update]) -> None:
+        """Combine the screened ``accepted`` updates into the GLOBAL tensors, and keep each
+        client's upload when the method asks for it."""
+        if self.method.keeps_uploads:
+            for update in accepted:
+                self.stored[update.client_id] = dict(update.tensors)
         if accepted and self.method.global_keys:
-            self.global_tensors = weighted_mean(accepted, self.method.global_keys)
-        return rejected
+            self.global_tensors = self.method.combine(self.global_tensors, accepted)
+
+    def restore(self, state: RunState) -> None:
+        """Take the GLOBAL tensors and kept uploads of ``state`` (checked beforehand by
+        Checkpoint.check_fits), on the device of the current ones and in the method's order:
+        a shared optimizer indexes its buffers by position."""
+        self.global_tensors = {
+            key: state.global_tensors[key].to(value.device)
+            for key, value in self.global_tensors.items()
+        }
+        device = next(iter(self.global_tensors.values())).device if self.global_tensors else None
+        self.stored = {
+            cid: {k: v.to(device) if device is not None else v for k, v in upload.items()}
+            for cid, upload in state.stored.items()
+        }

@@ -1,19 +1,45 @@
-"""What every method declares: its GLOBAL tensors (uploaded to the server), its PERSONAL tensors
-(never leave the client), its local loss and the context it predicts with."""
+"""What every method declares: its GLOBAL tensors (the server combines them), its PERSONAL
+tensors (never leave the client), its local loss, the context it predicts with, and its server
+role: what a client uploads, how the server combines uploads, and what else the server sends a
+client. Both runtimes use these hooks and nothing else, so a method is written once."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import RunConfig
+from ..errors import ConfigError
 from ..prompts import PromptBank
+from ..seeding import torch_generator
+from .registry import METHOD_NAMES, method_class
+
+if TYPE_CHECKING:
+    from ..federation.update import Update
 
 Tensors = dict[str, Tensor]
+
+AGGREGATIONS = ("weighted", "mean")
+
+
+def weighted_mean(updates: Sequence[Update], keys: Sequence[str]) -> Tensors:
+    """sum_i (n_i / sum_j n_j) * tensor_i for each key (the FedAvg of docs/method.md section 3)."""
+    total = sum(u.num_samples for u in updates)
+    return {
+        key: sum(u.tensors[key].double() * (u.num_samples / total) for u in updates).float()
+        for key in keys
+    }
+
+
+def unweighted_mean(updates: Sequence[Update], keys: Sequence[str]) -> Tensors:
+    """(1 / |S|) sum_i tensor_i for each key, whatever the clients' sample counts."""
+    return {
+        key: (sum(u.tensors[key].double() for u in updates) / len(updates)).float() for key in keys
+    }
 
 
 class Method:
@@ -24,6 +50,10 @@ class Method:
     personal_keys: ClassVar[tuple[str, ...]] = ()
     trains: ClassVar[bool] = True
     needs_patches: ClassVar[bool] = False
+    # How the server combines uploads: "weighted" (by n_i) or "mean" (unweighted).
+    aggregation: ClassVar[str] = "weighted"
+    # Whether the server keeps every client's latest upload (for :meth:`server_sends`).
+    keeps_uploads: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig, logit_scale: float) -> None:
         self.cfg = cfg
@@ -35,6 +65,50 @@ class Method:
 
     def init_personal(self, width: int, generator: torch.Generator) -> Tensors:
         """A client's initial PERSONAL tensors."""
+        return {}
+
+    def initial_global(self, width: int) -> Tensors:
+        """The run's starting GLOBAL tensors (on the CPU), from the run seed: the server of
+        either runtime starts from these."""
+        return self.init_global(width, torch_generator(self.cfg.seed, "init", "global"))
+
+    def initial_personal(self, width: int, client_id: int) -> Tensors:
+        """Client ``client_id``'s starting PERSONAL tensors (on the CPU), from the run seed,
+        the same on whichever machine the client runs."""
+        generator = torch_generator(self.cfg.seed, "init", "client", client_id)
+        return self.init_personal(width, generator)
+
+    @classmethod
+    def trained_keys(cls) -> list[str]:
+        """What a client trains, in training order (GLOBAL, then PERSONAL): the parameters a
+        kept optimizer's buffers are saved by."""
+        return [*cls.global_keys, *cls.personal_keys]
+
+    @property
+    def upload_keys(self) -> tuple[str, ...]:
+        """The names of everything that may leave a client: its GLOBAL tensors by default. An
+        Update holding any other name is refused by the server, and the leak tests check that
+        nothing else ever leaves."""
+        return self.global_keys
+
+    def upload(self, params: Mapping[str, Tensor], received: Mapping[str, Tensor]) -> Tensors:
+        """What a client sends after local training, from its trained ``params`` and what it
+        ``received`` this round: its GLOBAL tensors by default."""
+        return {key: params[key] for key in self.upload_keys}
+
+    def keep(self, params: Mapping[str, Tensor], received: Mapping[str, Tensor]) -> Tensors:
+        """The PERSONAL state a client keeps after local training."""
+        return {key: params[key] for key in self.personal_keys}
+
+    def combine(self, current: Mapping[str, Tensor], updates: Sequence[Update]) -> Tensors:
+        """The server's new GLOBAL tensors from the sound ``updates`` of a round (at least one)."""
+        mean = weighted_mean if self.aggregation == "weighted" else unweighted_mean
+        return {**current, **mean(updates, self.global_keys)}
+
+    def server_sends(self, client_id: int, round: int, stored: Mapping[int, Tensors]) -> Tensors:
+        """What the server sends client ``client_id`` besides the GLOBAL tensors, from the
+        uploads it keeps (``stored``, by client, when :attr:`keeps_uploads`): nothing by default.
+        Such tensors reach the client read-only, in ``received``; they are never averaged."""
         return {}
 
     def prediction_context(self, params: Mapping[str, Tensor]) -> Tensor:
@@ -61,7 +135,21 @@ class Method:
         bank: PromptBank,
         round_start: Mapping[str, Tensor],
     ) -> Tensor:
-        """The local training loss of one batch. ``round_start`` holds the GLOBAL tensors as the
-        client received them this round."""
+        """The local training loss of one batch. ``round_start`` holds what the client received
+        this round: the GLOBAL tensors as the server sent them, and anything
+        :meth:`server_sends` added."""
         logits = self.logits(features, self.class_features(params, bank))
         return F.cross_entropy(logits, labels)
+
+
+def create_method(cfg: RunConfig, logit_scale: float, name: str | None = None) -> Method:
+    """The method the config names (or ``name``, with the config's settings)."""
+    name = cfg.method if name is None else name
+    if name not in METHOD_NAMES:
+        raise ConfigError(f"method: expected one of {', '.join(METHOD_NAMES)}, got {name!r}")
+    method = method_class(name)(cfg, logit_scale)
+    if method.aggregation not in AGGREGATIONS:
+        raise ConfigError(
+            f"method {name}: aggregation {method.aggregation!r} is not one of {AGGREGATIONS}"
+        )
+    return method

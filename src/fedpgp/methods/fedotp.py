@@ -1,5 +1,5 @@
 """FedOTP (Li et al., CVPR 2024): a GLOBAL and a PERSONAL CoOp context, matched to an image's
-patch features by optimal transport (METHOD.md section 5).
+patch features by optimal transport (docs/method.md section 5).
 
 Prompt 0 (``ctx_global``) is averaged by the server, prompt 1 (``ctx_local``) never leaves the
 client. For image x and class c, sim[m, n] = cos(patch_m(x), t_{n,c}); the plan T (M x N) comes

@@ -1,6 +1,6 @@
 """FedPGP: global prompt sigma, personal low-rank U V, and the contrastive anchor loss.
 
-Loss of client i on a batch (METHOD.md section 1):
+Loss of client i on a batch (docs/method.md section 2):
     L = CE(scale * f(x) z_P^T, y) + mu * mean_c -log(e^{cos(z_C, z_G)/tau} /
                                                   (e^{cos(z_C, z_G)/tau} + e^{cos(z_G, z_P)/tau}))
 """
@@ -34,7 +34,7 @@ class FedPGP(Method):
         return {"sigma": normal_init((self.cfg.n_ctx, width), generator)}
 
     def init_personal(self, width: int, generator: torch.Generator) -> Tensors:
-        rank = self.cfg.rank
+        rank = self.cfg.fedpgp.rank
         return {
             "U": normal_init((self.cfg.n_ctx, rank), generator),
             "V": normal_init((rank, width), generator),
@@ -54,5 +54,6 @@ class FedPGP(Method):
         contexts = torch.stack([params["sigma"], self.prediction_context(params)])
         z_g, z_p = bank.encode(contexts)
         ce = F.cross_entropy(self.logits(features, z_p), labels)
-        z_c = bank.anchor(self.cfg.anchor)
-        return ce + self.cfg.mu * contrastive_loss(z_c, z_g, z_p, self.cfg.tau)
+        settings = self.cfg.fedpgp
+        z_c = bank.anchor(settings.anchor)
+        return ce + settings.mu * contrastive_loss(z_c, z_g, z_p, settings.tau)

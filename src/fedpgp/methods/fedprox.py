@@ -1,4 +1,5 @@
-"""PromptFL + FedProx: cross-entropy plus (prox_mu / 2) * ||ctx - ctx_global||^2."""
+"""PromptFL + FedProx: cross-entropy plus (mu / 2) * ||ctx - ctx_global||^2, mu = ``fedprox.mu``
+(docs/method.md section 3)."""
 
 from __future__ import annotations
 
@@ -23,4 +24,4 @@ class FedProx(PromptFL):
     ) -> Tensor:
         ce = super().loss(params, features, labels, bank, round_start)
         proximal = (params["ctx"] - round_start["ctx"]).pow(2).sum()
-        return ce + 0.5 * self.cfg.prox_mu * proximal
+        return ce + 0.5 * self.cfg.fedprox.mu * proximal

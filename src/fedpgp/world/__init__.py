@@ -1,2 +1,3 @@
-"""The offline world: generated images (``generate``), the pretraining of its small CLIP
-(``pretrain``) and the ``fedpgp world`` commands (``commands``)."""
+"""The offline world's own CLIP: its pretraining (``pretrain``, ``model``) and the ``fedpgp world``
+commands (``commands``). The world's images are a dataset (fedpgp.data.world_images and the
+``world`` loader)."""

@@ -22,15 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedpgp.backbone import (
-    BackboneSpec,
-    FrozenCLIP,
+from fedpgp.backbone import BackboneSpec, FrozenCLIP
+from fedpgp.data.world_images import MAX_CLASSES, WorldImages, class_names, held_out_labels
+from fedpgp.world.model import (
     build_token_map,
     create_trainable_clip,
     save_clip_weights,
     tokenize_compact,
 )
-from fedpgp.world.generate import MAX_CLASSES, WorldImages, class_names, held_out_labels
 
 MODEL_NAME = "fedpgp-world"
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
@@ -60,7 +59,7 @@ TEMPLATES: tuple[str, ...] = (
     "shows a {}.",
 )
 # Words the model must know besides the captions: "X" fills the placeholder prompt
-# "X X .. X {class}." of the authors' code (METHOD.md, anchor: official).
+# "X X .. X {class}." of the authors' code (docs/method.md section 6, fedpgp.anchor: official).
 EXTRA_WORDS = ("x",)
 
 
@@ -98,7 +97,7 @@ def vocabulary_texts() -> list[str]:
 
 
 def world_token_map(vocab_size: int) -> Tensor:
-    """The compact vocabulary of the world model (see ``fedpgp.backbone.build_token_map``)."""
+    """The compact vocabulary of the world model (see ``fedpgp.world.model.build_token_map``)."""
     return build_token_map(vocabulary_texts(), vocab_size)
 
 

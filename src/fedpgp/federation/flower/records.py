@@ -90,12 +90,44 @@ def check_sender(content: RecordDict, partition_id: int, round: int) -> None:
         )
 
 
-def read_update(reply: Message, partition_id: int, round: int) -> Update:
-    """The Update inside a train reply. BadReplyError when the reply cannot be read at all; the
-    content (names, shapes, dtypes, finite values, n_i > 0) is then checked by Server.check."""
+# An npy header is at most a few hundred bytes; anything past it and the values is not an array.
+_HEADER_ALLOWANCE = 4096
+
+
+def read_expected(record: Any, expected: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors of an ArrayRecord that must hold exactly ``expected``'s names, shapes and
+    dtypes; every array's declared shape, dtype and size is checked before any is decoded, so
+    a hostile reply cannot make the server copy a huge array. BadReplyError says what differs."""
+    if not isinstance(record, ArrayRecord):
+        raise BadReplyError(f"expected an ArrayRecord, got {type(record).__name__}")
+    if set(record) != set(expected):
+        raise BadReplyError(f"arrays {sorted(record)}, expected {sorted(expected)}")
+    for name, array in record.items():
+        reference = expected[name]
+        dtype = str(reference.dtype).removeprefix("torch.")
+        shape = tuple(reference.shape)
+        if array.dtype != dtype or tuple(array.shape) != shape:
+            raise BadReplyError(
+                f"array {name!r} is {array.dtype} {tuple(array.shape)}, expected {dtype} {shape}"
+            )
+        if len(array.data) > reference.numel() * reference.element_size() + _HEADER_ALLOWANCE:
+            raise BadReplyError(f"array {name!r} holds {len(array.data)} bytes, more than {shape}")
+    tensors = record_to_tensors(record)
+    for name, value in tensors.items():
+        if value.dtype != expected[name].dtype or value.shape != expected[name].shape:
+            raise BadReplyError(f"array {name!r} decodes to another shape or dtype than declared")
+    return tensors
+
+
+def read_update(
+    reply: Message, partition_id: int, round: int, expected: Mapping[str, Tensor]
+) -> Update:
+    """The Update inside a train reply, its arrays those of ``expected`` (read_expected).
+    BadReplyError when the reply cannot be used; n_i and finite values are then checked by
+    Server.check."""
     content = reply.content
     check_sender(content, partition_id, round)
-    tensors = record_to_tensors(content.get(GLOBAL_RECORD))
+    tensors = read_expected(content.get(GLOBAL_RECORD), expected)
     metrics = content.get(METRICS_RECORD)
     if not isinstance(metrics, MetricRecord) or NUM_EXAMPLES not in metrics:
         raise BadReplyError(f"no '{METRICS_RECORD}' record with '{NUM_EXAMPLES}'")

@@ -24,6 +24,7 @@ CONFIG_FILE = "config-file"
 OVERRIDES = "set"
 OUT_DIR = "out-dir"
 NODE_WAIT = "node-wait"
+RESUME = "resume"
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
@@ -32,11 +33,22 @@ DATA_ROOT = "data-root"
 
 # Message types and the names of the records inside messages.
 TRAIN, EVALUATE, QUERY = "train", "evaluate", "query"
+MANIFEST_ACTION = "manifest"
+QUERY_MANIFEST = f"{QUERY}.{MANIFEST_ACTION}"
 GLOBAL_RECORD = "global"
 CONFIG_RECORD = "config"
 CLIENT_RECORD = "client"
 METRICS_RECORD = "metrics"
 ZEROSHOT_RECORD = "zeroshot"
+STATE_ERROR_RECORD = "state-error"
+# Keys of the server's config record (and, for STATE_ROUND, of a train reply's client record).
+RUN_ID = "run-id"
+RUN_DIGEST = "run-digest"
+PARTITION_DIGEST = "partition-digest"
+STATE_ROUND = "state-round"
+KEPT_ROUND = "kept-round"
+MANIFEST = "manifest"
+MANIFEST_DIGEST = "manifest-digest"
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
@@ -52,21 +64,35 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Where the ServerApp writes its run directory, and how many seconds it waits for every
-    partition to be served (before round 1, and for a new node's answer to the partition query).
-    How long it waits for train replies is the fedpgp config's ``client_timeout``."""
+    """Where the ServerApp writes its run directory, whether it continues the interrupted run
+    there (``resume``), and how many seconds it waits for every partition to be served (before
+    round 1, and for a new node's answer to the partition query). How long it waits for train
+    replies is the fedpgp config's ``client_timeout``."""
 
     out_dir: Path
     node_wait: float = 300.0
+    resume: bool = False
 
 
 def server_settings(run_config: Mapping[str, Any], default_out: Path) -> ServerSettings:
-    """ServerSettings from the run config; an empty ``out-dir`` means ``default_out``."""
+    """ServerSettings from the run config; an empty ``out-dir`` means ``default_out``, which
+    a resumed run cannot use."""
     out = str(run_config.get(OUT_DIR, "") or "")
     wait = run_config.get(NODE_WAIT, 300.0)
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait <= 0:
         raise ConfigError(f"run config '{NODE_WAIT}': expected seconds > 0, got {wait!r}")
-    return ServerSettings(out_dir=Path(out) if out else default_out, node_wait=float(wait))
+    resume = run_config.get(RESUME, False)
+    if isinstance(resume, str) and resume.lower() in ("true", "false", ""):
+        resume = resume.lower() == "true"
+    if not isinstance(resume, bool):
+        raise ConfigError(f"run config '{RESUME}': expected true or false, got {resume!r}")
+    if resume and not out:
+        raise ConfigError(
+            f"run config '{RESUME}': a resumed run needs '{OUT_DIR}', the run directory to continue"
+        )
+    return ServerSettings(
+        out_dir=Path(out) if out else default_out, node_wait=float(wait), resume=resume
+    )
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""``fedpgp run --runtime flower-sim``: the same apps on Flower's simulation engine, in this
-process, with one virtual SuperNode per client.
+"""``fedpgp run --runtime flower-sim`` (and ``--resume DIR`` of such a run): the same apps on
+Flower's simulation engine, in this process, with one virtual SuperNode per client.
 
 Flower 1.42's simulation engine runs ClientApps in Ray actors (``flwr[simulation]``). Its
 Python API (``flwr.simulation.run_simulation``) is used rather than ``flwr run`` with a local
@@ -11,14 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ...config import RunConfig
-from ...runner import check_out_dir
+from ...errors import CheckpointError, FedPGPError
+from ...report import RESULTS
+from ...rundir import LOG, RunDir, resumed_config
 from .settings import ServerSettings
+
+# Below the run directory: the virtual nodes' personal state.
+NODES = "nodes"
 
 
 class _DropDeprecationNotice(logging.Filter):
@@ -41,9 +47,11 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def run_flower_simulation(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
-    """Run ``cfg`` on Flower's simulation engine and return results.json's content; the run
-    directory holds what the ServerApp writes (see server_app)."""
+def run_flower_simulation(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` on Flower's simulation engine (continuing the interrupted run in
+    ``out_dir`` with ``resume``) and return results.json's content. The run directory holds
+    what the ServerApp writes (see server_app) and, in ``nodes/``, the virtual nodes' personal
+    state."""
     # Flower posts usage telemetry to its servers (from run_simulation among others) unless
     # FLWR_TELEMETRY_ENABLED=0; a fedpgp run stays offline unless the user asks otherwise. The
     # variable is read when flwr is first imported, hence the imports here.
@@ -53,9 +61,10 @@ def run_flower_simulation(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     from .client_app import make_client_app
     from .server_app import make_server_app
 
-    check_out_dir(out_dir)
-    server_app = make_server_app(cfg, ServerSettings(out_dir=out_dir))
-    client_app = make_client_app(cfg, all_clients=True)
+    if not resume:
+        RunDir.check_new(out_dir)
+    server_app = make_server_app(cfg, ServerSettings(out_dir=out_dir, resume=resume))
+    client_app = make_client_app(cfg, all_clients=True, state_dir=out_dir / NODES)
     flwr_log = logging.getLogger("flwr")
     notice = _DropDeprecationNotice()
     flwr_log.addFilter(notice)
@@ -73,7 +82,29 @@ def run_flower_simulation(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
         flwr_log.removeFilter(notice)
         flwr_log.propagate = propagate
         _shutdown_ray()
-    return json.loads((out_dir / "results.json").read_text())
+    results = out_dir / RESULTS
+    if not results.is_file():
+        raise FedPGPError(
+            f"the Flower simulation ended without {results}; {out_dir / LOG} says why. Continue "
+            f"it with `fedpgp run --runtime flower-sim --resume {out_dir}`"
+        )
+    return json.loads(results.read_text())
+
+
+def resume_flower_simulation(
+    path: Path, config_path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Continue the interrupted flower-sim run in ``path`` from its last checkpoint, with the
+    config it was started with (``--config``/``--set`` may only repeat it or move its data)."""
+    run_dir = RunDir.open(path)
+    try:
+        if run_dir.finished:
+            raise CheckpointError(f"--resume {path}: the run is finished (results.json exists)")
+        cfg = resumed_config(run_dir, config_path, overrides)
+    finally:
+        # The ServerApp takes the directory's lock itself.
+        run_dir.close()
+    return run_flower_simulation(cfg, path, resume=True)
 
 
 def _shutdown_ray() -> None:

@@ -1,130 +1,136 @@
-"""A node's PERSONAL state: where it lives between messages, and on disk across restarts.
+"""A node's PERSONAL state on disk, by round, so that a run can resume after any process dies.
 
-The state of partition i is its PERSONAL tensors (U, V for FedPGP) and, with
-``optimizer_state: shared``, the momentum buffers of the node's optimizer. It is kept in
-``context.state`` (which Flower keeps on the SuperNode, never in a Message) and, when the node
-config names a ``state-dir``, in ``<state-dir>/run-<run id>/partition-<i>.safetensors``,
-written atomically after every local round. The file is keyed by partition id, not node id: a
-SuperNode restarted after a crash gets a new node id but keeps its partition and reloads the file.
+Partition p keeps ``<state-dir>/<run id>/partition-<p>/round-<r>.safetensors``: its PERSONAL
+tensors and kept optimizer buffers after r completed rounds of the run (r = the last round it
+trained in), in the client-state format of checkpoints (fedpgp.checkpoint.flatten_client_state)
+with the run id, partition, round and run digest as metadata. The run id is fedpgp's (run.json),
+not Flower's: a resumed run is a new ``flwr run`` but the same fedpgp run.
+
+Every message names the state the server expects the node to start from (``state-round``) and
+the one the server's last checkpoint refers to (``kept-round``). The node keeps exactly those
+two and the one it just wrote, so a server that resumes from its checkpoint finds the state
+that checkpoint belongs to, and a state newer than the server's is dropped, never used.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from flwr.app import ConfigRecord, RecordDict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from ...atomic import write_bytes_atomic
+from ...checkpoint import flatten_client_state, split_client_state
 from ...errors import CheckpointError
-from .records import record_to_tensors, tensors_to_record
+from ...methods.base import Tensors
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fedpgp-personal-state"
-VERSION = "1"
-TENSORS_RECORD = "fedpgp.personal"
-META_RECORD = "fedpgp.personal-meta"
-# Optimizer buffers share the tensor namespace with the PERSONAL tensors under this prefix.
-OPTIMIZER_PREFIX = "optimizer."
+FORMAT = "fedpgp-node-state"
+VERSION = "2"
+_NAME = re.compile(r"round-(\d{6})\.safetensors")
 
 
-@dataclass
-class PersonalState:
-    """Partition ``partition_id`` after local round ``round`` (0-based; -1 before any):
-    its PERSONAL tensors and its optimizer's momentum buffers by parameter name."""
-
-    partition_id: int
-    round: int
-    tensors: dict[str, Tensor]
-    optimizer: dict[str, Tensor] = field(default_factory=dict)
-
-    def flat(self) -> dict[str, Tensor]:
-        """PERSONAL tensors and prefixed optimizer buffers in one mapping."""
-        buffers = {OPTIMIZER_PREFIX + name: t for name, t in self.optimizer.items()}
-        return {**self.tensors, **buffers}
+class StateError(CheckpointError):
+    """A node cannot start from the state the server expects: the run must stop."""
 
 
-def _split(flat: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    tensors = {k: v for k, v in flat.items() if not k.startswith(OPTIMIZER_PREFIX)}
-    buffers = {
-        k[len(OPTIMIZER_PREFIX) :]: v for k, v in flat.items() if k.startswith(OPTIMIZER_PREFIX)
-    }
-    return tensors, buffers
+def state_folder(state_dir: Path, run_id: str, partition_id: int) -> Path:
+    """Where partition ``partition_id`` keeps its states for run ``run_id``."""
+    return Path(state_dir) / run_id / f"partition-{partition_id}"
 
 
-def state_file(state_dir: Path, run_id: int, partition_id: int) -> Path:
-    """Where partition ``partition_id`` keeps its state for run ``run_id``."""
-    return state_dir / f"run-{run_id}" / f"partition-{partition_id}.safetensors"
+def state_path(folder: Path, round: int) -> Path:
+    return folder / f"round-{round:06d}.safetensors"
 
 
-def save_state_file(path: Path, state: PersonalState, digest: str) -> None:
-    """Write ``state`` atomically (temp file, fsync, rename) with its partition, round and the
-    config digest as metadata."""
-    metadata = {
+def saved_rounds(folder: Path) -> list[int]:
+    """The rounds of the state files in ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = (_NAME.fullmatch(p.name) for p in folder.iterdir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def _metadata(partition_id: int, round: int, run_id: str, digest: str) -> dict[str, str]:
+    """What a state file records about itself (safetensors metadata holds strings only)."""
+    return {
         "format": FORMAT,
         "version": VERSION,
-        "partition-id": str(state.partition_id),
-        "round": str(state.round),
-        "config-digest": digest,
+        "run-id": run_id,
+        "partition-id": str(partition_id),
+        "round": str(round),
+        "run-digest": digest,
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.flat().items()}
+
+
+def save_state(
+    folder: Path,
+    partition_id: int,
+    round: int,
+    run_id: str,
+    digest: str,
+    personal: Mapping[str, Tensor],
+    optimizer: Mapping[str, Tensor],
+) -> Path:
+    """Write the state after ``round`` rounds atomically (temp file, fsync, rename)."""
+    metadata = _metadata(partition_id, round, run_id, digest)
+    flat = flatten_client_state(personal, optimizer)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in flat.items()}
+    path = state_path(folder, round)
     write_bytes_atomic(path, save_tensors(tensors, metadata=metadata))
+    return path
 
 
-def load_state_file(
-    path: Path, partition_id: int, digest: str, expected: dict[str, tuple[int, ...]]
-) -> PersonalState:
-    """The state in ``path``; CheckpointError naming the file if it is unreadable, belongs to
-    another partition or config, or its PERSONAL tensors are not ``expected`` (name -> shape)."""
+def load_state(
+    folder: Path,
+    partition_id: int,
+    round: int,
+    run_id: str,
+    digest: str,
+    expected: Mapping[str, Tensor],
+) -> tuple[Tensors, Tensors]:
+    """(PERSONAL tensors, optimizer buffers) after ``round`` rounds. StateError naming the file
+    when it is missing, unreadable, of another run, partition, round or config, or when its
+    PERSONAL tensors are not those of ``expected`` (names, shapes, dtypes)."""
+    path = state_path(folder, round)
+    if not path.is_file():
+        have = saved_rounds(folder)
+        raise StateError(
+            f"partition {partition_id}: the server expects the personal state of round {round}, "
+            f"but {path} does not exist (this node holds rounds {have or 'none'})"
+        )
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
             flat = {name: handle.get_tensor(name) for name in handle.keys()}
     except (OSError, SafetensorError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"personal state file {path} cannot be read: {exc}") from exc
-    if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
-        raise CheckpointError(
-            f"personal state file {path}: expected format {FORMAT} version {VERSION}, got "
-            f"{metadata.get('format')!r} version {metadata.get('version')!r}"
+        raise StateError(f"personal state file {path} cannot be read: {exc}") from exc
+    wanted = _metadata(partition_id, round, run_id, digest)
+    wrong = {key: metadata.get(key) for key, value in wanted.items() if metadata.get(key) != value}
+    if wrong:
+        details = ", ".join(f"{k} {v!r} (expected {wanted[k]!r})" for k, v in wrong.items())
+        raise StateError(f"personal state file {path}: {details}")
+    try:
+        personal, optimizer = split_client_state(flat)
+    except ValueError as exc:
+        raise StateError(f"personal state file {path}: {exc}") from exc
+    shapes = {k: (v.dtype, tuple(v.shape)) for k, v in personal.items()}
+    wanted_shapes = {k: (v.dtype, tuple(v.shape)) for k, v in expected.items()}
+    if shapes != wanted_shapes:
+        raise StateError(
+            f"personal state file {path} holds {shapes}, the method expects {wanted_shapes}"
         )
-    if metadata.get("partition-id") != str(partition_id):
-        raise CheckpointError(
-            f"personal state file {path} belongs to partition {metadata.get('partition-id')}, "
-            f"not {partition_id}"
-        )
-    if metadata.get("config-digest") != digest:
-        raise CheckpointError(
-            f"personal state file {path} was written by a run with another config"
-        )
-    tensors, buffers = _split(flat)
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    if shapes != expected:
-        raise CheckpointError(f"personal state file {path} holds {shapes}, expected {expected}")
-    return PersonalState(partition_id, int(metadata["round"]), tensors, buffers)
+    return personal, optimizer
 
 
-def put_in_context(context_state: RecordDict, state: PersonalState, digest: str) -> None:
-    """Keep ``state`` in the node's ``context.state`` for the next message of this run."""
-    context_state[TENSORS_RECORD] = tensors_to_record(state.flat())
-    context_state[META_RECORD] = ConfigRecord(
-        {"partition-id": state.partition_id, "round": state.round, "config-digest": digest}
-    )
-
-
-def get_from_context(
-    context_state: RecordDict, partition_id: int, digest: str
-) -> PersonalState | None:
-    """The state this node kept in ``context.state`` for ``partition_id``, or None."""
-    meta = context_state.get(META_RECORD)
-    record = context_state.get(TENSORS_RECORD)
-    if not isinstance(meta, ConfigRecord) or record is None:
-        return None
-    if meta.get("partition-id") != partition_id or meta.get("config-digest") != digest:
-        return None
-    tensors, buffers = _split(record_to_tensors(record))
-    return PersonalState(partition_id, int(meta["round"]), tensors, buffers)
+def prune(folder: Path, keep: Iterable[int]) -> None:
+    """Delete every state in ``folder`` but those of the rounds in ``keep``."""
+    kept = set(keep)
+    for round in saved_rounds(folder):
+        if round not in kept:
+            state_path(folder, round).unlink(missing_ok=True)

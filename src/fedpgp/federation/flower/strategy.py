@@ -1,29 +1,28 @@
-"""The ServerApp's rounds over a Flower Grid: the same sampling, screening and n_i-weighted
-aggregation of GLOBAL tensors as the in-process runtime (Server and screen_replies, unchanged),
-with partitions mapped to SuperNodes.
+"""The Flower transport of the round loop (fedpgp.federation.rounds): partitions mapped to
+SuperNodes, and what the server decides carried to them as Messages over a Grid.
 
 Every reply is read defensively: an error reply, a missing reply, a reply for another
 partition or round, or an update that fails Server.check (tensor names, shapes, dtypes, finite
-values, n_i > 0) becomes a Fault, logged with the node id, and is never averaged in.
+values, n_i) becomes a Fault, logged with the node id, and is never combined. A node that
+cannot start from the personal state the server expects stops the run (StateError naming the
+node and both rounds): states are never mixed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from torch import Tensor
 
+from ...checkpoint import RunState
 from ...config import RunConfig
+from ...data.partition import PartitionManifest
 from ...errors import FedPGPError
-from ...evaluation import summarize
-from ..faults import Fault, screen_replies
+from ...methods.base import Tensors
+from ..faults import Fault, timeout_reason
 from ..server import Server
-from ..simulation import round_row
 from ..update import Update
 from .records import (
     BadReplyError,
@@ -38,11 +37,21 @@ from .settings import (
     CONFIG_RECORD,
     EVALUATE,
     GLOBAL_RECORD,
+    KEPT_ROUND,
+    MANIFEST,
+    MANIFEST_DIGEST,
     NUM_PARTITIONS,
+    PARTITION_DIGEST,
     PARTITION_ID,
     QUERY,
+    QUERY_MANIFEST,
+    RUN_DIGEST,
+    RUN_ID,
+    STATE_ERROR_RECORD,
+    STATE_ROUND,
     TRAIN,
 )
+from .state import StateError
 
 log = logging.getLogger(__name__)
 
@@ -163,175 +172,168 @@ class NodeRegistry:
             time.sleep(POLL_SECONDS)
 
 
-class FlowerRounds:
-    """The rounds of one run, driven over ``grid``: train the sampled partitions, screen and
-    aggregate their updates, evaluate every partition at evaluation rounds."""
+class FlowerTransport:
+    """The rounds' Transport over ``grid``: one message per sampled partition to train, one per
+    partition to evaluate, each naming the run, its digests and the personal state the node must
+    start from. ``node_rounds`` (partition -> the round of the state it holds) follows every
+    readable train reply; ``kept_rounds`` are those of the last checkpoint."""
 
     def __init__(
         self,
         cfg: RunConfig,
         server: Server,
+        run_id: str,
+        run_digest: str,
+        partition_digest: str,
         grid: Grid,
         registry: NodeRegistry,
         message_log: MessageLog,
     ) -> None:
         self.cfg = cfg
         self.server = server
+        self.run_id = run_id
+        self.run_digest = run_digest
+        self.partition_digest = partition_digest
         self.grid = grid
         self.registry = registry
         self.message_log = message_log
-        self.round_globals: dict[int, dict[str, Tensor]] = {}
+        self.node_rounds = {p: 0 for p in range(cfg.num_clients)}
+        self.kept_rounds = dict(self.node_rounds)
 
-    def _content(self, round: int, zeroshot: bool = False) -> RecordDict:
+    def _content(self, round: int, partition: int, tensors: Tensors, zeroshot: bool) -> RecordDict:
+        config = {
+            "round": round,
+            RUN_ID: self.run_id,
+            RUN_DIGEST: self.run_digest,
+            PARTITION_DIGEST: self.partition_digest,
+            STATE_ROUND: self.node_rounds[partition],
+            KEPT_ROUND: self.kept_rounds[partition],
+            "zeroshot": zeroshot,
+        }
         return RecordDict(
-            {
-                GLOBAL_RECORD: tensors_to_record(self.server.global_tensors),
-                CONFIG_RECORD: ConfigRecord({"round": round, "zeroshot": zeroshot}),
-            }
+            {GLOBAL_RECORD: tensors_to_record(tensors), CONFIG_RECORD: ConfigRecord(config)}
         )
 
     def _send(
-        self,
-        kind: str,
-        round: int,
-        partitions: list[int],
-        timeout: float | None,
-        zeroshot: bool = False,
+        self, kind: str, round: int, sends: dict[int, Tensors], zeroshot: bool = False
     ) -> tuple[dict[int, tuple[int, Message | None]], list[int]]:
-        """Send one message of ``kind`` per served partition; returns, by partition, the node
-        and its reply (None: no reply in time), and the partitions no node serves."""
-        content = self._content(round, zeroshot)
-        targets = {p: self.registry.node_of[p] for p in partitions if p in self.registry.node_of}
+        """One message of ``kind`` per served partition of ``sends``; returns, by partition, the
+        node and its reply (None: no reply in time), and the partitions no node serves. A
+        state-error reply raises StateError naming the node."""
+        self.registry.refresh()
+        targets = {p: self.registry.node_of[p] for p in sends if p in self.registry.node_of}
         messages = [
-            Message(content, dst_node_id=node, message_type=kind, group_id=str(round + 1))
-            for node in targets.values()
+            Message(
+                self._content(round, p, sends[p], zeroshot),
+                dst_node_id=node,
+                message_type=kind,
+                group_id=str(round + 1),
+            )
+            for p, node in targets.items()
         ]
-        replies = exchange(self.grid, messages, timeout, self.message_log)
+        replies = exchange(self.grid, messages, self.cfg.client_timeout, self.message_log)
         served = {p: (node, replies.get(node)) for p, node in targets.items()}
-        return served, [p for p in partitions if p not in targets]
+        for partition, (node, reply) in served.items():
+            if reply is not None and not reply.has_error():
+                record = reply.content.get(STATE_ERROR_RECORD)
+                if isinstance(record, ConfigRecord):
+                    raise StateError(
+                        f"node {node} (partition {partition}), round {round + 1}: "
+                        f"{record.get('reason')}"
+                    )
+        return served, [p for p in sends if p not in targets]
 
-    def train(self, round: int, sampled: list[int]) -> list[Update | Fault]:
-        """Every sampled partition's Update, or the Fault that stands in for it, in sample
-        order (the order of aggregation in process)."""
-        timeout = self.cfg.client_timeout
-        served, unserved = self._send(TRAIN, round, sampled, timeout)
+    def train(self, round: int, sends: dict[int, Tensors]) -> list[Update | Fault]:
+        served, unserved = self._send(TRAIN, round, sends)
         outcome: dict[int, Update | Fault] = {
             p: Fault(p, round + 1, "no SuperNode serves this partition") for p in unserved
         }
         for partition, (node, reply) in served.items():
-            outcome[partition] = self._read_train(round, partition, node, reply, timeout)
-        return [outcome[p] for p in sampled]
+            outcome[partition] = self._read_train(round, partition, node, reply)
+        return [outcome[p] for p in sends]
 
     def _read_train(
-        self,
-        round: int,
-        partition: int,
-        node: int,
-        reply: Message | None,
-        timeout: float | None,
+        self, round: int, partition: int, node: int, reply: Message | None
     ) -> Update | Fault:
+        where = f"round {round + 1}: node {node} (partition {partition})"
         if reply is None:
-            log.warning(
-                "round %d: node %d (partition %d) did not reply in time", round + 1, node, partition
-            )
-            return Fault(partition, round + 1, f"no reply within client_timeout ({timeout} s)")
+            log.warning("%s did not reply in time", where)
+            return Fault(partition, round + 1, timeout_reason(self.cfg.client_timeout))
         if reply.has_error():
-            log.warning(
-                "round %d: node %d (partition %d) failed: %s",
-                round + 1,
-                node,
-                partition,
-                reply.error.reason,
-            )
+            log.warning("%s failed: %s", where, reply.error.reason)
             return Fault(partition, round + 1, f"failed: {reply.error.reason}")
+        expected = {k: self.server.global_tensors[k] for k in self.server.method.upload_keys}
         try:
-            update = read_update(reply, partition, round)
+            update = read_update(reply, partition, round, expected)
+            state_round = reply.content[CLIENT_RECORD].get(STATE_ROUND)
+            if state_round != round + 1:
+                raise BadReplyError(f"kept the state of round {state_round!r}, not {round + 1}")
         except BadReplyError as exc:
-            log.warning(
-                "round %d: rejected reply of node %d (partition %d): %s",
-                round + 1,
-                node,
-                partition,
-                exc,
-            )
+            log.warning("%s: rejected reply: %s", where, exc)
             return Fault(partition, round + 1, f"unusable update: {exc}")
+        # The node trained and kept its new state, whatever the server makes of the update.
+        self.node_rounds[partition] = round + 1
         reason = self.server.check(update)
         if reason is not None:
-            # screen_replies turns it into a Fault; the node id is known only here.
-            log.warning(
-                "round %d: rejected update of node %d (partition %d): %s",
-                round + 1,
-                node,
-                partition,
-                reason,
-            )
+            # Server.screen turns it into a Fault; the node id is known only here.
+            log.warning("%s: rejected update: %s", where, reason)
         return update
 
-    def evaluate(self, round: int, zeroshot: bool) -> tuple[list[dict], list[dict]]:
+    def evaluate(
+        self, round: int, global_tensors: Tensors, zeroshot: bool
+    ) -> tuple[list[dict], list[dict]]:
         """Per-client rows of every partition (and their zero-shot rows when asked), each
         computed on the node that holds the client's data and PERSONAL state."""
-        partitions = list(range(self.cfg.num_clients))
+        partitions = range(self.cfg.num_clients)
         served, unserved = self._send(
-            EVALUATE, round, partitions, self.cfg.client_timeout, zeroshot
+            EVALUATE, round, {p: global_tensors for p in partitions}, zeroshot
         )
         for partition in unserved:
-            log.warning(
-                "round %d: partition %d not evaluated: no SuperNode serves it", round + 1, partition
-            )
+            log.warning("round %d: partition %d not evaluated: no SuperNode", round + 1, partition)
         rows, zeroshot_rows = [], []
         for partition, (node, reply) in sorted(served.items()):
+            where = f"round {round + 1}: node {node} (partition {partition})"
             if reply is None or reply.has_error():
                 why = "no reply in time" if reply is None else reply.error.reason
-                log.warning(
-                    "round %d: node %d (partition %d) not evaluated: %s",
-                    round + 1,
-                    node,
-                    partition,
-                    why,
-                )
+                log.warning("%s not evaluated: %s", where, why)
                 continue
             try:
                 row, zrow = read_evaluation(reply, partition, round, zeroshot)
             except BadReplyError as exc:
-                log.warning(
-                    "round %d: rejected evaluation of node %d (partition %d): %s",
-                    round + 1,
-                    node,
-                    partition,
-                    exc,
-                )
+                log.warning("%s: rejected evaluation: %s", where, exc)
                 continue
             rows.append(row)
             if zrow is not None:
                 zeroshot_rows.append(zrow)
         return rows, zeroshot_rows
 
-    def run(self) -> dict[str, Any]:
-        """Every round; returns the rows (as run_simulation's), the final GLOBAL tensors, the
-        GLOBAL tensors each round started from, and CLIP zero-shot's summary."""
-        cfg = self.cfg
-        rows: list[dict] = []
-        pending: list[dict] = []
-        zeroshot: Mapping[str, Any] = summarize([])
-        for round in range(cfg.rounds):
-            self.registry.refresh()
-            sampled = self.server.sample(round)
-            self.round_globals[round] = dict(self.server.global_tensors)
-            replies = self.train(round, sampled)
-            accepted, faults = screen_replies(self.server, round, replies, cfg.min_clients)
-            self.server.aggregate(accepted)
-            pending.extend(fault.to_dict() for fault in faults)
-            last = round == cfg.rounds - 1
-            if last or (round + 1) % cfg.eval_every == 0:
-                self.registry.refresh()
-                per_client, zeroshot_rows = self.evaluate(round, zeroshot=last)
-                rows.append(round_row(round, per_client, sampled, pending))
-                pending = []
-                if last:
-                    zeroshot = summarize(zeroshot_rows)
-        return {
-            "rounds": rows,
-            "global": self.server.global_tensors,
-            "round_globals": self.round_globals,
-            "zeroshot": zeroshot,
-        }
+    def capture(self, state: RunState) -> RunState:
+        state.node_rounds = dict(self.node_rounds)
+        # Nodes may forget states older than those of the checkpoint about to be written.
+        self.kept_rounds = dict(self.node_rounds)
+        return state
+
+    def restore(self, state: RunState) -> None:
+        self.node_rounds = {p: state.node_rounds.get(p, 0) for p in range(self.cfg.num_clients)}
+        self.kept_rounds = dict(self.node_rounds)
+
+
+def fetch_manifest(
+    grid: Grid, registry: NodeRegistry, message_log: MessageLog, timeout: float
+) -> PartitionManifest:
+    """The partition manifest computed by partition 0's node (the server holds no data); every
+    node's is checked against it with each message."""
+    node = registry.node_of[0]
+    message = Message(RecordDict(), dst_node_id=node, message_type=QUERY_MANIFEST)
+    reply = exchange(grid, [message], timeout, message_log).get(node)
+    if reply is None or reply.has_error():
+        why = "no reply in time" if reply is None else reply.error.reason
+        raise FedPGPError(f"node {node} (partition 0): partition manifest query failed: {why}")
+    record = reply.content.get(CLIENT_RECORD)
+    text = record.get(MANIFEST) if isinstance(record, ConfigRecord) else None
+    if not isinstance(text, str):
+        raise FedPGPError(f"node {node} (partition 0): its reply holds no partition manifest")
+    manifest = PartitionManifest.from_json(text, f"node {node} (partition 0)")
+    if manifest.digest() != record.get(MANIFEST_DIGEST):
+        raise FedPGPError(f"node {node} (partition 0): partition manifest and digest disagree")
+    return manifest
