@@ -68,6 +68,17 @@ class FedOTPSettings:
     choices: ClassVar[dict] = {"ot": ("cot", "sinkhorn")}
 
 
+@dataclass
+class PromptFolioSettings:
+    """PromptFolio (docs/method.md section 9): the weight theta of the personal prompt's class
+    features in the mix (the authors' 0.4)."""
+
+    theta: float = 0.4
+
+    ranges: ClassVar[tuple] = (("theta", 0, 1, True),)
+    choices: ClassVar[dict] = {}
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     """One method: its name (the config's ``method``), where its class lives
@@ -90,6 +101,13 @@ REGISTRY: tuple[MethodInfo, ...] = (
     ),
     MethodInfo(
         "fedotp", "fedotp", "FedOTP", "global + local prompts matched by OT", FedOTPSettings
+    ),
+    MethodInfo(
+        "promptfolio",
+        "promptfolio",
+        "PromptFolio",
+        "global + local prompts, class features mixed by theta",
+        PromptFolioSettings,
     ),
 )
 
