@@ -224,6 +224,12 @@ class Checkpoint:
             )
         expected = {f"global/{k}": v for k, v in initial_global.items()}
         found = {f"global/{k}": v for k, v in self.state.global_tensors.items()}
+        if initial_personal is not None and self.state.node_rounds:
+            raise CheckpointError(
+                f"checkpoint file {self.path}: written by a Flower run (its clients' personal "
+                f"state is on the nodes); resume it with --runtime flower-sim, or with `flwr "
+                f"run` and resume=true for a deployment"
+            )
         if initial_personal is not None:
             for cid, personal in initial_personal.items():
                 expected.update({f"personal/{cid}/{k}": v for k, v in personal.items()})

@@ -21,6 +21,7 @@ from flowerkit import (
     task_identity,  # noqa: F401 (an autouse fixture)
 )
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from runkit import interrupted_run
 
 from fedpgp.config import run_digest
 from fedpgp.errors import CheckpointError, ConfigError, FedPGPError
@@ -49,7 +50,7 @@ from fedpgp.federation.flower.state import (
     saved_rounds,
     state_folder,
 )
-from fedpgp.runner import execute
+from fedpgp.runner import execute, resume
 
 NODES = {101: 0, 202: 1}
 
@@ -377,3 +378,42 @@ def test_settings_name_the_bad_key() -> None:
     assert cfg.rounds == 3 and cfg.dataset.name == "dtd"
     with pytest.raises(ConfigError, match="unknown config key 'round'"):
         config_from_run_config({"set": "round=3"})
+
+
+def test_a_checkpoint_is_resumed_only_by_the_runtime_that_wrote_it(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    cfg = flower_config(tiny_data, rounds=3, eval_every=3)
+    flower_run = tmp_path / "flower"
+    grid = LoopbackGrid(client_app(cfg, tmp_path), NODES, kill_after(4, "train"))
+    with pytest.raises(ServerKilled):
+        run_server(grid, cfg, ServerSettings(out_dir=flower_run))
+    with pytest.raises(CheckpointError, match="written by a Flower run .* --runtime flower-sim"):
+        resume(flower_run)
+    inprocess_run = tmp_path / "inprocess"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        interrupted_run(monkeypatch, cfg, inprocess_run, 2)
+    again = LoopbackGrid(client_app(cfg, tmp_path), NODES)
+    with pytest.raises(CheckpointError, match="written by an in-process run"):
+        run_server(again, cfg, ServerSettings(inprocess_run, resume=True))
+
+
+def test_a_node_with_another_config_or_partition_answers_with_a_state_error(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    cfg = flower_config(tiny_data)
+    app = client_app(cfg, tmp_path)
+    experiment = experiment_for(cfg, 0, all_clients=True)
+    digest = experiment.manifest.digest()
+    sigma = experiment.method.initial_global(experiment.backbone.text_width)
+    context = Context(7, 11, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
+    other = flower_config(tiny_data, lr=0.5)
+    for order, needle in (
+        (_order(0, 0, 0, cfg, "f" * 64), "partition manifest"),
+        (_order(0, 0, 0, other, digest), "run config differs"),
+    ):
+        content = RecordDict({GLOBAL_RECORD: tensors_to_record(sigma), "config": order})
+        reply = app(Message(content, dst_node_id=11, message_type="train"), context)
+        assert needle in reply.content["state-error"]["reason"]
+        assert GLOBAL_RECORD not in reply.content
+    assert not list((tmp_path / "nodes").rglob("*.safetensors"))
