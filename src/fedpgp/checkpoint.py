@@ -43,7 +43,7 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from .atomic import write_bytes_atomic, write_text_atomic
-from .config import RELOCATABLE, RunConfig, config_changes, describe_changes, run_digest
+from .config import RunConfig, describe_changes, run_changes, run_digest
 from .config import saved_config as config_from_saved
 from .errors import CheckpointError, ConfigError
 from .seeding import check_rng
@@ -394,9 +394,7 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig, trained: Sequence[str] = ()) 
         # checkpoint of an earlier version compares equal to the config it was written for.
         written_for = config_from_saved(body["config"])
         if run_digest(written_for) != run_digest(cfg):
-            changes = config_changes(written_for.to_dict(), cfg.to_dict())
-            for key in RELOCATABLE:
-                changes.pop(key, None)
+            changes = run_changes(written_for, cfg)
             raise CheckpointError(
                 f"checkpoint file {path}: written for another config ("
                 f"{describe_changes(changes) or 'digest ' + body['config_digest'][:16]}); "

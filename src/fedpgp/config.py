@@ -548,6 +548,13 @@ def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in changes.items())
 
 
+def run_changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """The changes from ``old`` to ``new`` that make another run (every key but the
+    RELOCATABLE ones): what a resume must refuse."""
+    changes = config_changes(old.to_dict(), new.to_dict())
+    return {key: change for key, change in changes.items() if key not in RELOCATABLE}
+
+
 def run_digest(cfg: RunConfig) -> str:
     """sha256 of the config without its RELOCATABLE keys: what a checkpoint, a node's personal
     state and a resumed run must agree on."""

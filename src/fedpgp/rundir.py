@@ -45,6 +45,7 @@ from .config import (
     describe_changes,
     load_config,
     read_yaml,
+    run_changes,
     saved_config,
 )
 from .data.partition import PartitionManifest
@@ -285,7 +286,7 @@ def resumed_config(
     else:
         requested = config_from_dict(apply_overrides(copy.deepcopy(cfg.to_dict()), list(overrides)))
     changes = config_changes(cfg.to_dict(), requested.to_dict())
-    refused = {key: change for key, change in changes.items() if key not in RELOCATABLE}
+    refused = run_changes(cfg, requested)
     if refused:
         given = "--config/--set" if config_path is not None else "--set"
         raise ConfigError(

@@ -135,8 +135,8 @@ class Server:
             key: state.global_tensors[key].to(value.device)
             for key, value in self.global_tensors.items()
         }
-        device = next(iter(self.global_tensors.values())).device if self.global_tensors else None
+        # Kept uploads are of GLOBAL tensors (Server.check), so each has a GLOBAL namesake.
         self.stored = {
-            cid: {k: v.to(device) if device is not None else v for k, v in upload.items()}
+            cid: {k: v.to(self.global_tensors[k].device) for k, v in upload.items()}
             for cid, upload in state.stored.items()
         }

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ...backbone import FrozenCLIP
 from ...checkpoint import Checkpoint
-from ...config import RELOCATABLE, RunConfig, config_changes, describe_changes, run_digest
+from ...config import RunConfig, describe_changes, run_changes, run_digest
 from ...errors import CheckpointError, ConfigError, FedPGPError
 from ...experiment import backbone_spec
 from ...methods.base import create_method
@@ -46,8 +46,7 @@ def _open(cfg: RunConfig, settings: ServerSettings) -> tuple[RunDir, Checkpoint 
     if run_dir.finished:
         run_dir.close()
         raise CheckpointError(f"resume {out}: the run is finished (results.json exists)")
-    changes = config_changes(run_dir.saved_config().to_dict(), cfg.to_dict())
-    refused = {key: change for key, change in changes.items() if key not in RELOCATABLE}
+    refused = run_changes(run_dir.saved_config(), cfg)
     if refused:
         run_dir.close()
         raise ConfigError(
