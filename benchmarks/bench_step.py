@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     backbone = FrozenCLIP.load(BackboneSpec("ViT-B-16", None)).to(device)
     fedpgp = FedPGPSettings(rank=RANK, mu=MU, tau=TAU, anchor="official")
     cfg = RunConfig(method="fedpgp", n_ctx=N_CTX, fedpgp=fedpgp)
-    method = create_method(cfg, backbone.logit_scale)
+    method = create_method(cfg, backbone.logit_scale, embed_dim=backbone.embed_dim)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(BATCH, 3, 224, 224, generator=generator).to(device)
     params = {

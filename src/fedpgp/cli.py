@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedpgp", description="Federated prompt learning on a frozen CLIP (FedPGP)."
     )
-    from .methods.registry import METHOD_NAMES, methods_help
+    from .methods.registry import COMPARED, methods_help
 
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(comp)
     comp.add_argument(
         "--methods",
-        help=f"comma-separated (default: {','.join(METHOD_NAMES)}); the methods:\n{methods_help()}",
+        help=f"comma-separated, or all (default: {','.join(COMPARED)}: every method whose round "
+        f"costs under 3x FedPGP's); the methods:\n{methods_help()}",
     )
     comp.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     comp.add_argument("--out", help="output folder (default: runs/<time>-compare)")

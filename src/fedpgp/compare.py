@@ -7,19 +7,20 @@ import csv
 import dataclasses
 import io
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_bytes_atomic, write_text_atomic
-from .config import RunConfig, validate
+from .config import RunConfig, method_label_space, validate
 from .errors import ConfigError
 from .experiment import build_experiment
 from .federation.inprocess import run_inprocess
-from .methods.registry import METHOD_NAMES, method_class
+from .methods.registry import COMPARED, METHOD_NAMES, method_class
 from .report import SUMMARY_KEYS, build_results, format_table, results_csv, results_json
 
-DEFAULT_METHODS = METHOD_NAMES
+DEFAULT_METHODS = COMPARED
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -30,7 +31,9 @@ def parse_list(text: str, what: str) -> list[str]:
 
 
 def parse_methods(text: str | None) -> list[str]:
-    """Method names from ``a,b,c``; unknown names are a ConfigError."""
+    """Method names from ``a,b,c`` (``all``: every method); unknown names are a ConfigError."""
+    if text is not None and text.strip() == "all":
+        return list(METHOD_NAMES)
     methods = list(DEFAULT_METHODS) if text is None else parse_list(text, "methods")
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
@@ -59,20 +62,30 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
     return round(statistics.fmean(present), 4), round(std, 4)
 
 
-def summarize_runs(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per method: mean and standard deviation over seeds of each final metric."""
+def summarize_runs(
+    runs: dict[str, list[dict[str, Any]]], seconds: dict[str, list[float]]
+) -> list[dict[str, Any]]:
+    """One row per method: mean and standard deviation over seeds of each final metric and of
+    the wall seconds per round (``seconds``: per method, one value per seed)."""
     rows = []
     for method, results in runs.items():
         row: dict[str, Any] = {"method": method}
         for key in SUMMARY_KEYS:
             mean, std = _mean_std([r["final"][key] for r in results])
             row[key], row[f"{key}_std"] = mean, std
+        row["s_per_round"], row["s_per_round_std"] = _mean_std(seconds[method])
         rows.append(row)
     return rows
 
 
 def comparison_csv(rows: list[dict[str, Any]]) -> str:
-    columns = ["method", *SUMMARY_KEYS, *(f"{k}_std" for k in SUMMARY_KEYS)]
+    columns = [
+        "method",
+        *SUMMARY_KEYS,
+        *(f"{k}_std" for k in SUMMARY_KEYS),
+        "s_per_round",
+        "s_per_round_std",
+    ]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -88,13 +101,15 @@ def comparison_markdown(rows: list[dict[str, Any]], seeds: list[int], title: str
     lines = [
         f"# {title}",
         "",
-        f"Final-round accuracy (%), mean ± std over seeds {', '.join(map(str, seeds))}.",
+        f"Final-round accuracy (%), mean ± std over seeds {', '.join(map(str, seeds))}; wall "
+        "seconds per round (training and evaluation, this machine).",
         "",
-        "| method | Local | Base | Novel | HM |",
-        "|---|---|---|---|---|",
+        "| method | Local | Base | Novel | HM | s / round |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        cells = [_pm(row[k], row[f"{k}_std"]) for k in SUMMARY_KEYS]
+        keys = (*SUMMARY_KEYS, "s_per_round")
+        cells = [_pm(row[k], row[f"{k}_std"]) for k in keys]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -145,20 +160,24 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Run every method for every seed; write each run's results and the comparison files."""
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
     for seed in seeds:
         base = build_experiment(
             validate(dataclasses.replace(cfg, seed=seed)),
             patches=any(method_class(m).needs_patches for m in methods),
+            label_spaces=[method_label_space(cfg, m) for m in methods],
         )
         for method in methods:
             experiment = base.with_method(method)
+            started = time.perf_counter()
             rounds, zeroshot, _ = run_inprocess(experiment)
+            seconds[method].append((time.perf_counter() - started) / cfg.rounds)
             results = build_results(experiment.cfg.to_dict(), rounds, zeroshot)
             run_dir = out_dir / method / f"seed{seed}"
             write_text_atomic(run_dir / "results.json", results_json(results))
             write_text_atomic(run_dir / "results.csv", results_csv(rounds))
             runs[method].append(results)
-    rows = summarize_runs(runs)
+    rows = summarize_runs(runs, seconds)
     title = f"{cfg.dataset.name}: {', '.join(methods)}"
     write_text_atomic(out_dir / "comparison.csv", comparison_csv(rows))
     write_text_atomic(out_dir / "comparison.md", comparison_markdown(rows, seeds, title))
@@ -169,6 +188,6 @@ def compare(
 def format_comparison(rows: list[dict[str, Any]]) -> str:
     """The comparison as an aligned terminal table (means over seeds)."""
     return format_table(
-        ["method", "Local", "Base", "Novel", "HM"],
-        [[r["method"], *(r[k] for k in SUMMARY_KEYS)] for r in rows],
+        ["method", "Local", "Base", "Novel", "HM", "s / round"],
+        [[r["method"], *(r[k] for k in SUMMARY_KEYS), r["s_per_round"]] for r in rows],
     )

@@ -274,6 +274,13 @@ def _lookup(cfg: RunConfig, dotted: str) -> Any:
     return value
 
 
+def method_label_space(cfg: RunConfig, method: str | None = None) -> str:
+    """The label space ``method`` (the config's by default) trains over: its section's
+    ``label_space`` where it has one (FedTPG), else the run's."""
+    section = getattr(cfg, cfg.method if method is None else method, None)
+    return getattr(section, "label_space", cfg.label_space)
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check choices and ranges of every key; returns ``cfg`` unchanged or raises ConfigError."""
     for key, allowed in CHOICES.items():
@@ -302,6 +309,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"min_clients: expected at most the {per_round} clients sampled per round "
             f"(max(int(frac * num_clients), 1)), got {cfg.min_clients}"
+        )
+    experts = cfg.pfedmoap.num_experts
+    if cfg.method == "pfedmoap" and experts is not None and experts > cfg.num_clients:
+        raise ConfigError(
+            f"pfedmoap.num_experts: expected at most num_clients ({cfg.num_clients}), got {experts}"
         )
     _notice_idle_rank(cfg)
     return cfg

@@ -41,23 +41,37 @@ def evaluate_client(
     local: EvalSet,
     base: EvalSet,
     novel: EvalSet | None,
+    memo: dict[tuple, float] | None = None,
 ) -> dict[str, float | None]:
-    """Local, Base and Novel accuracy of one client's prediction context."""
+    """Local, Base and Novel accuracy of one client's prediction context. ``memo`` holds the
+    accuracies already measured with the very same tensors on the very same sets: clients that
+    predict with the GLOBAL tensors alone then measure Base and Novel once between them."""
     sets = {"local": local, "base": base, "novel": novel}
     present = {name: s for name, s in sets.items() if s is not None and len(s) > 0}
     results: dict[str, float | None] = dict.fromkeys(sets)
+    # Identities are stable here: ``params`` and the sets are alive for the whole call.
+    tensors = tuple(sorted((key, id(value)) for key, value in params.items()))
+    memo = {} if memo is None else memo
+    todo: dict[str, EvalSet] = {}
+    for name, s in present.items():
+        known = memo.get((tensors, id(s)))
+        if known is None:
+            todo[name] = s
+        else:
+            results[name] = known
     # Sets that share a bank (Local and Base when the label space is all base classes) are
     # predicted in one call, so the bank's classes are encoded once.
     by_bank: dict[int, list[str]] = {}
-    for name, s in present.items():
+    for name, s in todo.items():
         by_bank.setdefault(id(s.bank), []).append(name)
     for names in by_bank.values():
-        features = torch.cat([present[n].features for n in names])
+        features = torch.cat([todo[n].features for n in names])
         with torch.no_grad():
-            predicted = method.predict(params, present[names[0]].bank, features)
-        sizes = [len(present[n]) for n in names]
+            predicted = method.predict(params, todo[names[0]].bank, features)
+        sizes = [len(todo[n]) for n in names]
         for name, chunk in zip(names, predicted.split(sizes), strict=True):
-            results[name] = float((chunk == present[name].labels).float().mean()) * 100.0
+            accuracy = float((chunk == todo[name].labels).float().mean()) * 100.0
+            results[name] = memo[(tensors, id(todo[name]))] = accuracy
     return results
 
 
@@ -67,12 +81,18 @@ def evaluate_clients(
     """Per-client rows {id, n_train, local, base, novel} of the clients in ``params`` (client id
     -> the tensors it predicts with), each with its own prediction context, by client id."""
     data: Mapping[int, ClientData] = experiment.client_data
+    memo: dict[tuple, float] = {}
     return [
         {
             "id": cid,
             "n_train": data[cid].num_train,
             **evaluate_client(
-                experiment.method, params[cid], data[cid].local, experiment.base, experiment.novel
+                experiment.method,
+                params[cid],
+                data[cid].local,
+                experiment.base,
+                experiment.novel,
+                memo,
             ),
         }
         for cid in sorted(params)
@@ -81,6 +101,6 @@ def evaluate_clients(
 
 def zero_shot_rows(experiment: Experiment, clients: Sequence[int]) -> list[dict]:
     """CLIP zero-shot's rows for ``clients`` on the same test sets (nothing trained), on pooled
-    features whatever the experiment's method reads."""
-    zeroshot = experiment.with_method("zeroshot")
+    features whatever the experiment's method reads, over the same label space."""
+    zeroshot = experiment.with_method("zeroshot", experiment.method.label_space)
     return evaluate_clients(zeroshot, {cid: {} for cid in clients})

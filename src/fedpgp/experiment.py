@@ -141,9 +141,10 @@ class Experiment:
     """The frozen world of one run. ``client_data[i]`` exists for every client built.
 
     ``base``, ``novel`` and ``client_data`` hold the features ``method`` reads: pooled image
-    features, or patch features for a method that ``needs_patches``. ``feature_sets`` holds
-    every kind that was built (POOLED, and PATCHES when asked for), so that
-    :meth:`with_method` can hand the experiment to any method.
+    features, or patch features for a method that ``needs_patches``, with the labels of the
+    method's label space. ``feature_sets`` holds every (kind, label space) that was built
+    (POOLED, PATCHES when asked for; the label spaces asked for), so that :meth:`with_method`
+    can hand the experiment to any of those methods.
     """
 
     cfg: RunConfig
@@ -154,20 +155,26 @@ class Experiment:
     base: EvalSet
     novel: EvalSet | None
     client_data: dict[int, ClientData] = field(default_factory=dict)
-    feature_sets: dict[str, FeatureSets] = field(default_factory=dict)
+    feature_sets: dict[tuple[str, str], FeatureSets] = field(default_factory=dict)
 
-    def with_method(self, name: str) -> Experiment:
+    def with_method(self, name: str, label_space: str | None = None) -> Experiment:
         """The same frozen experiment driven by method ``name`` (the config re-validated), with
-        the kind of features that method reads."""
+        the kind of features that method reads, over its label space (or ``label_space``)."""
         cfg = validate(dataclasses.replace(self.cfg, method=name))
-        method = create_method(cfg, self.backbone.logit_scale)
+        method = create_method(cfg, self.backbone.logit_scale, embed_dim=self.backbone.embed_dim)
         kind = PATCHES if method.needs_patches else POOLED
-        if kind not in self.feature_sets:
+        space = method.label_space if label_space is None else label_space
+        if not any(k == kind for k, _ in self.feature_sets):
             raise ConfigError(
                 f"method: {name} needs patch features, and this experiment was built "
                 f"without them (build_experiment(..., patches=True))"
             )
-        sets = self.feature_sets[kind]
+        if (kind, space) not in self.feature_sets:
+            raise ConfigError(
+                f"method: {name} trains with label_space {space}, and this experiment was "
+                f"built without it (build_experiment(..., label_spaces=[{space!r}]))"
+            )
+        sets = self.feature_sets[(kind, space)]
         return dataclasses.replace(
             self,
             cfg=cfg,
@@ -243,8 +250,10 @@ def _feature_sets(
     manifest: PartitionManifest,
     banks: dict[str, PromptBank],
     wanted: Sequence[int],
+    label_space: str,
 ) -> FeatureSets:
-    """Base and Novel test sets and the data of clients ``wanted``, with one kind of feature."""
+    """Base and Novel test sets and the data of clients ``wanted``, with one kind of feature,
+    labelled over ``label_space``."""
     backbone, device = features.backbone, features.backbone.device
     base_pos = _positions(manifest.base_classes)
     test_indices = sorted(
@@ -272,7 +281,7 @@ def _feature_sets(
     client_data = {}
     for client_id in wanted:
         part = manifest.clients[client_id]
-        if cfg.label_space == "client":
+        if label_space == "client":
             bank = banks[f"client/{client_id}"]
             positions = _positions(part.classes)
         else:
@@ -298,9 +307,10 @@ def _banks(
     splits: DatasetSplits,
     manifest: PartitionManifest,
     wanted: Sequence[int],
+    label_spaces: set[str],
 ) -> dict[str, PromptBank]:
     """One prompt bank per class list the run classifies over: the base classes, the novel
-    ones, and with ``label_space: client`` each client's own."""
+    ones, and for label space ``client`` each client's own."""
     names = splits.classnames
 
     def bank(classes: Sequence[int]) -> PromptBank:
@@ -309,33 +319,41 @@ def _banks(
     banks = {"base": bank(manifest.base_classes)}
     if manifest.novel_classes:
         banks["novel"] = bank(manifest.novel_classes)
-    if cfg.label_space == "client":
+    if "client" in label_spaces:
         for client_id in wanted:
             banks[f"client/{client_id}"] = bank(manifest.clients[client_id].classes)
     return banks
 
 
 def build_experiment(
-    cfg: RunConfig, clients: Sequence[int] | None = None, patches: bool | None = None
+    cfg: RunConfig,
+    clients: Sequence[int] | None = None,
+    patches: bool | None = None,
+    label_spaces: Sequence[str] = (),
 ) -> Experiment:
     """Load, partition and encode everything ``cfg`` needs; ``clients`` limits which clients'
     data is built (all by default). ``patches`` adds patch features (by default when the
-    config's method needs them)."""
+    config's method needs them); ``label_spaces`` adds client data labelled over those label
+    spaces besides the method's own."""
     torch.set_num_threads(cfg.threads)
     splits, manifest = load_data(cfg)
     backbone = load_backbone(cfg, resolve_device(cfg.device))
-    method = create_method(cfg, backbone.logit_scale)
+    method = create_method(cfg, backbone.logit_scale, embed_dim=backbone.embed_dim)
     wanted = list(range(len(manifest.clients))) if clients is None else list(clients)
-    banks = _banks(cfg, backbone, splits, manifest, wanted)
+    spaces = sorted({method.label_space, *label_spaces})
+    banks = _banks(cfg, backbone, splits, manifest, wanted, set(spaces))
     cache = FeatureCache(cfg.cache_dir)
     kinds = [POOLED]
     if method.needs_patches if patches is None else patches:
         kinds.append(PATCHES)
     sets = {
-        kind: _feature_sets(cfg, _Features(backbone, cache, kind), splits, manifest, banks, wanted)
+        (kind, space): _feature_sets(
+            cfg, _Features(backbone, cache, kind), splits, manifest, banks, wanted, space
+        )
         for kind in kinds
+        for space in spaces
     }
-    active = sets[PATCHES if method.needs_patches else POOLED]
+    active = sets[(PATCHES if method.needs_patches else POOLED, method.label_space)]
     log.info(
         "experiment: %d clients, %d test images, backbone %s",
         len(wanted),

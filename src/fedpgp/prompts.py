@@ -6,6 +6,8 @@ shared by all classes, so a learned context transfers to any class list by rebui
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -20,6 +22,21 @@ HAND_CRAFTED = "a photo of a {}."
 def normal_init(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
     """N(0, 0.02^2), the initialisation of every context tensor (docs/method.md section 1)."""
     return torch.randn(shape, generator=generator) * 0.02
+
+
+def linear_init(fan_out: int, fan_in: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """PyTorch's default nn.Linear initialisation, weight and bias U(-1/sqrt(fan_in), ..), drawn
+    from ``generator``."""
+    bound = 1.0 / math.sqrt(fan_in)
+    weight = (torch.rand((fan_out, fan_in), generator=generator) * 2 - 1) * bound
+    bias = (torch.rand((fan_out,), generator=generator) * 2 - 1) * bound
+    return weight, bias
+
+
+def xavier_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
+    """nn.init.xavier_uniform_ of a (fan_out, fan_in) matrix, drawn from ``generator``."""
+    bound = math.sqrt(6.0 / (shape[0] + shape[1]))
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
 def coop_context(n_ctx: int, width: int, generator: torch.Generator) -> dict[str, Tensor]:
@@ -60,6 +77,7 @@ class PromptBank:
         self.suffix = embedded[:, 1:]
         self.eot = eot + n_ctx
         self._anchors: dict[str, Tensor] = {}
+        self._names: Tensor | None = None
         self._shared: SharedPrefixEncoder | None = None
         if shared_prefix_supported(backbone):
             # Suffix c holds the tokens after SOS up to and including its EOT: eot_c of them.
@@ -104,3 +122,11 @@ class PromptBank:
             with torch.no_grad():
                 self._anchors[kind] = self.backbone.encode_texts(texts)
         return self._anchors[kind]
+
+    def name_features(self) -> Tensor:
+        """Frozen features (C x E) of the bare class names, no template: what FedTPG's
+        generator is conditioned on. Computed once per class list."""
+        if self._names is None:
+            with torch.no_grad():
+                self._names = self.backbone.encode_texts(list(self.classnames))
+        return self._names

@@ -26,6 +26,9 @@ def build_results(
     for row in rounds:
         entry = {"round": row["round"], **{k: _round4(row[k]) for k in SUMMARY_KEYS}}
         entry["sampled"] = row["sampled"]
+        if "bytes" in row:
+            # Tensor bytes of that round: {"down": server to clients, "up": clients to server}.
+            entry["bytes"] = row["bytes"]
         if "faults" in row:
             # Sampled clients left out of aggregation: [{"client", "round", "reason"}].
             entry["faults"] = row["faults"]

@@ -151,7 +151,8 @@ def test_tiny_eps_fails_the_run_naming_the_keys(tiny_data: Path, tmp_path: Path)
 
 
 def test_compare_runs_fedotp_beside_pooled_methods(tiny_data: Path, tmp_path: Path) -> None:
-    assert "fedotp" in DEFAULT_METHODS and method_class("fedotp").needs_patches
+    # Its round costs 5x FedPGP's on the world: left out of the default list.
+    assert "fedotp" not in DEFAULT_METHODS and method_class("fedotp").needs_patches
     cfg = load_config(None, tiny_overrides(tiny_data, rounds=1))
     rows = compare(cfg, ["zeroshot", "promptfl", "fedotp"], [0], tmp_path)
     assert [row["method"] for row in rows] == ["zeroshot", "promptfl", "fedotp"]

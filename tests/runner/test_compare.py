@@ -36,6 +36,7 @@ def test_compare_writes_table_csv_and_png(tiny_data: Path, tmp_path: Path) -> No
     fedpgp = rows[2]
     assert float(fedpgp["local"]) == round(statistics.fmean(f["local"] for f in finals), 4)
     assert float(fedpgp["local_std"]) == round(statistics.pstdev(f["local"] for f in finals), 4)
+    assert all(float(r["s_per_round"]) > 0 for r in rows)
     markdown = (tmp_path / "comparison.md").read_text()
     assert all(m in markdown for m in ("zeroshot", "promptfl", "fedpgp"))
     with Image.open(tmp_path / "comparison.png") as image:
@@ -45,3 +46,12 @@ def test_compare_writes_table_csv_and_png(tiny_data: Path, tmp_path: Path) -> No
 def test_compare_rejects_unknown_method(capsys) -> None:
     assert main(["compare", "--methods", "fedpgp,nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_all_runs_every_method_and_the_default_leaves_out_the_costly_ones() -> None:
+    from fedpgp.compare import parse_methods
+    from fedpgp.methods.registry import METHOD_NAMES, REGISTRY
+
+    assert parse_methods("all") == list(METHOD_NAMES)
+    costly = {info.name for info in REGISTRY if info.costly}
+    assert costly and set(parse_methods(None)) == set(METHOD_NAMES) - costly

@@ -53,10 +53,23 @@ class Transport(Protocol):
         """Put the clients back where ``state`` was."""
 
 
-def round_row(round: int, per_client: list[dict], sampled: list[int], faults: list) -> dict:
+def tensor_bytes(tensors: Tensors) -> int:
+    """The payload of ``tensors``: their elements times element size, whatever the transport
+    adds around them."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def round_row(
+    round: int,
+    per_client: list[dict],
+    sampled: list[int],
+    faults: list,
+    traffic: dict[str, int],
+) -> dict:
     """The results row of 0-based ``round``: the means over clients, who was sampled, the
+    tensor bytes of that round each way (``down`` to the clients, ``up`` from them), the
     faults since the last row and the per-client metrics; logged as it is made."""
-    row = {"round": round + 1, **summarize(per_client), "sampled": sampled}
+    row = {"round": round + 1, **summarize(per_client), "sampled": sampled, "bytes": traffic}
     if faults:
         row["faults"] = faults
     log.info(
@@ -109,14 +122,19 @@ def run_rounds(
         zeroshot = start.zeroshot
     for round in tqdm(range(first, cfg.rounds), desc="rounds", disable=None):
         sampled = server.sample(round)
-        replies = transport.train(round, {cid: server.sends(cid, round) for cid in sampled})
+        sends = {cid: server.sends(cid, round) for cid in sampled}
+        replies = transport.train(round, sends)
         accepted, faults = server.screen(round, replies, cfg.min_clients)
+        traffic = {
+            "down": sum(tensor_bytes(s) for s in sends.values()),
+            "up": sum(tensor_bytes(u.tensors) for u in accepted),
+        }
         server.aggregate(accepted)
         pending.extend(fault.to_dict() for fault in faults)
         last = round == cfg.rounds - 1
         if last or (round + 1) % cfg.eval_every == 0:
             per_client, zero_rows = transport.evaluate(round, server.global_tensors, last)
-            rows.append(round_row(round, per_client, sampled, pending))
+            rows.append(round_row(round, per_client, sampled, pending, traffic))
             pending = []
             if last:
                 zeroshot = summarize(zero_rows)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import RunConfig
+from ..config import RunConfig, method_label_space
 from ..errors import ConfigError
 from ..prompts import PromptBank
 from ..seeding import torch_generator
@@ -55,9 +55,24 @@ class Method:
     # Whether the server keeps every client's latest upload (for :meth:`server_sends`).
     keeps_uploads: ClassVar[bool] = False
 
-    def __init__(self, cfg: RunConfig, logit_scale: float) -> None:
+    def __init__(self, cfg: RunConfig, logit_scale: float, embed_dim: int | None = None) -> None:
         self.cfg = cfg
         self.logit_scale = logit_scale
+        self._embed_dim = embed_dim
+
+    @property
+    def embed_dim(self) -> int:
+        """E, the width of image and class features, for methods whose tensors are sized by it
+        (a meta-network on the image feature, a generator over class-name features)."""
+        if self._embed_dim is None:
+            raise ValueError(f"method {self.name} is sized by the embed dim: create it with one")
+        return self._embed_dim
+
+    @property
+    def label_space(self) -> str:
+        """Which classes a client trains over: the config's ``label_space``, unless the method
+        sets its own in its section (FedTPG)."""
+        return method_label_space(self.cfg, self.name)
 
     def init_global(self, width: int, generator: torch.Generator) -> Tensors:
         """The server's initial GLOBAL tensors."""
@@ -142,12 +157,15 @@ class Method:
         return F.cross_entropy(logits, labels)
 
 
-def create_method(cfg: RunConfig, logit_scale: float, name: str | None = None) -> Method:
-    """The method the config names (or ``name``, with the config's settings)."""
+def create_method(
+    cfg: RunConfig, logit_scale: float, name: str | None = None, embed_dim: int | None = None
+) -> Method:
+    """The method the config names (or ``name``, with the config's settings), for a backbone
+    of ``logit_scale`` and ``embed_dim``."""
     name = cfg.method if name is None else name
     if name not in METHOD_NAMES:
         raise ConfigError(f"method: expected one of {', '.join(METHOD_NAMES)}, got {name!r}")
-    method = method_class(name)(cfg, logit_scale)
+    method = method_class(name)(cfg, logit_scale, embed_dim)
     if method.aggregation not in AGGREGATIONS:
         raise ConfigError(
             f"method {name}: aggregation {method.aggregation!r} is not one of {AGGREGATIONS}"

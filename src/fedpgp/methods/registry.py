@@ -79,16 +79,69 @@ class PromptFolioSettings:
     choices: ClassVar[dict] = {}
 
 
+@dataclass
+class FedTPGSettings:
+    """FedTPG (docs/method.md section 10): the heads of the generator's cross-attention, and
+    the authors' protocol: each client trains over its own classes and the server averages
+    unweighted."""
+
+    heads: int = 4
+    label_space: str = "client"
+    aggregation: str = "mean"
+
+    ranges: ClassVar[tuple] = (("heads", 1, None, True),)
+    choices: ClassVar[dict] = {
+        "label_space": ("client", "all"),
+        "aggregation": ("mean", "weighted"),
+    }
+
+
+@dataclass
+class FedCoCoOpSettings:
+    """FedCoCoOp (docs/method.md section 11): the meta-network's bottleneck is E / reduction
+    (the authors' 16)."""
+
+    reduction: int = 16
+
+    ranges: ClassVar[tuple] = (("reduction", 1, None, True),)
+    choices: ClassVar[dict] = {}
+
+
+@dataclass
+class PFedMoAPSettings:
+    """pFedMoAP (docs/method.md section 12): how many prompts a client mixes (its own and
+    num_experts - 1 others'; null: min(10, num_clients), the authors' choice), the weight of the
+    client's own logits, the attention's scaling, and the gating network's width and heads."""
+
+    num_experts: int | None = None
+    local_weight: float = 0.5
+    scaling: float = 10.0
+    gating_dim: int = 128
+    gating_heads: int = 8
+
+    ranges: ClassVar[tuple] = (
+        ("num_experts", 1, None, True),
+        ("local_weight", 0, None, True),
+        ("scaling", 0, None, False),
+        ("gating_dim", 1, None, True),
+        ("gating_heads", 1, None, True),
+    )
+    choices: ClassVar[dict] = {}
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     """One method: its name (the config's ``method``), where its class lives
-    (``fedpgp.methods.<module>.<cls>``), one line for the CLI's help and its config section."""
+    (``fedpgp.methods.<module>.<cls>``), one line for the CLI's help, its config section, and
+    whether its round costs over 3x FedPGP's on the world (benchmarks/bench_methods.py), which
+    leaves it out of ``fedpgp compare``'s default list."""
 
     name: str
     module: str
     cls: str
     summary: str
     settings: type | None = None
+    costly: bool = False
 
 
 REGISTRY: tuple[MethodInfo, ...] = (
@@ -100,7 +153,12 @@ REGISTRY: tuple[MethodInfo, ...] = (
         "fedpgp", "fedpgp", "FedPGP", "global sigma + personal low-rank U V", FedPGPSettings
     ),
     MethodInfo(
-        "fedotp", "fedotp", "FedOTP", "global + local prompts matched by OT", FedOTPSettings
+        "fedotp",
+        "fedotp",
+        "FedOTP",
+        "global + local prompts matched by OT",
+        FedOTPSettings,
+        costly=True,
     ),
     MethodInfo(
         "promptfolio",
@@ -109,9 +167,33 @@ REGISTRY: tuple[MethodInfo, ...] = (
         "global + local prompts, class features mixed by theta",
         PromptFolioSettings,
     ),
+    MethodInfo(
+        "fedtpg",
+        "fedtpg",
+        "FedTPG",
+        "a global generator makes the context from the class names",
+        FedTPGSettings,
+    ),
+    MethodInfo(
+        "fedcocoop",
+        "fedcocoop",
+        "FedCoCoOp",
+        "a global context shifted per image by a global meta-network",
+        FedCoCoOpSettings,
+        costly=True,
+    ),
+    MethodInfo(
+        "pfedmoap",
+        "pfedmoap",
+        "PFedMoAP",
+        "own prompt mixed with other clients' prompts by a personal gating",
+        PFedMoAPSettings,
+    ),
 )
 
 METHOD_NAMES: tuple[str, ...] = tuple(info.name for info in REGISTRY)
+# ``fedpgp compare``'s default: every method but the costly ones (``--methods all`` runs all).
+COMPARED: tuple[str, ...] = tuple(info.name for info in REGISTRY if not info.costly)
 
 
 def method_info(name: str) -> MethodInfo:

@@ -87,7 +87,7 @@ def _run(
     log.info("Flower run directory %s", run_dir.path.resolve())
     # The server only needs the text width and logit scale, on CPU: it never sees data.
     backbone = FrozenCLIP.load(backbone_spec(cfg))
-    method = create_method(cfg, backbone.logit_scale)
+    method = create_method(cfg, backbone.logit_scale, embed_dim=backbone.embed_dim)
     message_log = MessageLog(run_dir.path / "messages.jsonl")
     registry = NodeRegistry(grid, cfg.num_clients, message_log, settings.node_wait)
     registry.wait_for_all(settings.node_wait)
