@@ -10,7 +10,7 @@ from runkit import start_global, start_personal
 from tiny import tiny_overrides
 
 from fedpgp.config import load_config
-from fedpgp.evaluation import evaluate_client
+from fedpgp.evaluation import evaluate_client, evaluate_clients
 from fedpgp.experiment import build_experiment
 from fedpgp.prompts import PromptBank
 
@@ -45,3 +45,39 @@ def test_evaluate_client_equals_per_set_accuracy_with_one_pass_per_bank(
     )
     assert len(encoded) == (2 if label_space == "all" else 3)
     assert all(value is not None for value in expected.values())
+
+
+def test_clients_with_the_same_tensors_measure_base_and_novel_once(
+    tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(overrides=tiny_overrides(tiny_data, method="promptfl", n_ctx=4))
+    experiment = build_experiment(cfg)
+    shared = start_global(experiment)
+    alone = {
+        cid: evaluate_client(
+            experiment.method, shared, data.local, experiment.base, experiment.novel
+        )
+        for cid, data in experiment.client_data.items()
+    }
+    predicted: list[int] = []
+    original = type(experiment.method).predict
+
+    def counting(self, params, bank, features):
+        predicted.append(len(features))
+        return original(self, params, bank, features)
+
+    monkeypatch.setattr(type(experiment.method), "predict", counting)
+    rows = evaluate_clients(experiment, dict.fromkeys(experiment.client_data, shared))
+    assert {row["id"]: {k: row[k] for k in ("local", "base", "novel")} for row in rows} == alone
+    locals_ = [len(d.local) for d in experiment.client_data.values()]
+    # Client 0 predicts Local with Base, then Novel; client 1 only its own Local.
+    assert predicted == [
+        locals_[0] + len(experiment.base),
+        len(experiment.novel),
+        locals_[1],
+    ]
+    # Different tensors (a personal method's) are measured for each client.
+    predicted.clear()
+    copies = {cid: {k: v.clone() for k, v in shared.items()} for cid in experiment.client_data}
+    evaluate_clients(experiment, copies)
+    assert len(predicted) == 4

@@ -93,6 +93,9 @@ def test_both_runtimes_use_the_hooks_and_agree(seen, tiny_data: Path, tmp_path: 
     grid = LoopbackGrid(app, {101: 0, 202: 1})
     flower = run_server(grid, cfg, ServerSettings(out_dir=tmp_path / "run"))
     assert flower == inprocess
+    # Round 3's tensor bytes: each of the 2 clients is sent ctx and one expert, and sends ctx.
+    ctx_bytes = cfg.n_ctx * build_experiment(cfg).backbone.text_width * 4
+    assert inprocess["rounds"][-1]["bytes"] == {"down": 2 * 2 * ctx_bytes, "up": 2 * ctx_bytes}
     assert {count for count, _ in seen} == {0, 1}
     # What left the nodes is exactly what the method uploads: ctx, never an expert.
     sent_by_nodes = array_names(tmp_path / "run" / "messages.jsonl", direction="received")

@@ -158,3 +158,20 @@ def test_the_flower_apps_give_the_inprocess_numbers(tiny_data: Path, tmp_path: P
     app = make_client_app(cfg, all_clients=True, state_dir=tmp_path / "nodes")
     results = run_server(LoopbackGrid(app, {101: 0, 202: 1}), cfg, ServerSettings(tmp_path / "run"))
     assert results == build_results(cfg.to_dict(), rows, zeroshot)
+
+
+def test_an_experiment_hands_fedtpg_its_label_space_beside_other_methods(
+    tiny_data: Path,
+) -> None:
+    cfg = load_config(None, tiny_overrides(tiny_data, method="promptfl"))
+    with pytest.raises(ConfigError, match="label_space client"):
+        build_experiment(cfg).with_method("fedtpg")
+    shared = build_experiment(cfg, label_spaces=["client"])
+    assert len(shared.client_data[0].bank) == len(shared.base.bank)
+    fedtpg = shared.with_method("fedtpg")
+    own = shared.manifest.clients[0].classes
+    assert len(fedtpg.client_data[0].bank) == len(own) < len(shared.base.bank)
+    # Its zero-shot reference is measured over the same label space.
+    assert fedtpg.with_method("zeroshot", fedtpg.method.label_space).client_data[0].bank is (
+        fedtpg.client_data[0].bank
+    )
