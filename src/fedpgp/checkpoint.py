@@ -199,6 +199,13 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix == ".json" and _NAME.fullmatch(p.name))
 
 
+def checkpointed_round(run_dir: Path) -> int:
+    """The rounds completed by the newest complete checkpoint in ``run_dir`` (0 without one: a
+    resume starts from round 0), from its file name alone."""
+    found = complete_checkpoints(run_dir)
+    return int(found[-1].stem.removeprefix("round-")) if found else 0
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint read from disk and checked against the run's config."""

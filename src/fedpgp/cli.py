@@ -74,6 +74,61 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    from .table import cmd_table as run_table
+
+    return run_table(args)
+
+
+def add_table_command(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``fedpgp table`` to the CLI's subparsers."""
+    from .methods.registry import COMPARED, methods_help
+
+    table = subparsers.add_parser(
+        "table",
+        help="the paper's main table: every config x method x seed, resumable",
+        description="Run every dataset config x method x seed, each cell a run directory\n"
+        "DIR/<config file stem>/<method>/seed<s> (`fedpgp run --resume CELL` works on it), and\n"
+        "write DIR/table.md, table.csv and table.png: per dataset Local / Base / Novel / HM,\n"
+        "mean ± std over seeds, per method, and their average over the datasets. Run the same\n"
+        "command again after an interruption: finished cells are kept, an interrupted one\n"
+        "resumes from its last checkpoint.",
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    table.add_argument(
+        "--configs",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="YAML configs, one per dataset (see configs/); --methods replaces each\nfile's method",
+    )
+    table.add_argument(
+        "--methods",
+        help=f"comma-separated, or all (default:\n{','.join(COMPARED)}); the methods:\n"
+        f"{methods_help()}",
+    )
+    table.add_argument("--seeds", help="comma-separated seeds (default: each config's seed)")
+    table.add_argument(
+        "--out", default="runs/table", help="folder of the cells and tables (default: runs/table)"
+    )
+    table.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list every cell with its state (finished, interrupted at round r of R,\n"
+        "new) and whether its image features are cached; run and write nothing",
+    )
+    table.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of every config, dotted for sections\n(e.g. --set rounds=2); "
+        "repeatable",
+    )
+    table.set_defaults(func=cmd_table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedpgp", description="Federated prompt learning on a frozen CLIP (FedPGP)."
@@ -118,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     comp.add_argument("--out", help="output folder (default: runs/<time>-compare)")
     comp.set_defaults(func=cmd_compare)
+    add_table_command(sub)
+    from .use_commands import add_use_commands
+
+    add_use_commands(sub, _add_config_args)
     from .data.commands import add_data_commands
 
     add_data_commands(sub)

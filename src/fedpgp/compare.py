@@ -54,7 +54,9 @@ def parse_seeds(text: str | None, default: int) -> list[int]:
     return seeds
 
 
-def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and population standard deviation (4 decimals) of the values that are not None;
+    (None, None) when none is."""
     present = [v for v in values if v is not None]
     if not present:
         return None, None
@@ -69,13 +71,19 @@ def summarize_runs(
     the wall seconds per round (``seconds``: per method, one value per seed)."""
     rows = []
     for method, results in runs.items():
-        row: dict[str, Any] = {"method": method}
-        for key in SUMMARY_KEYS:
-            mean, std = _mean_std([r["final"][key] for r in results])
-            row[key], row[f"{key}_std"] = mean, std
-        row["s_per_round"], row["s_per_round_std"] = _mean_std(seconds[method])
+        row: dict[str, Any] = {"method": method, **summarize_finals(results)}
+        row["s_per_round"], row["s_per_round_std"] = mean_std(seconds[method])
         rows.append(row)
     return rows
+
+
+def summarize_finals(results: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """``{local, local_std, base, ...}``: mean and standard deviation over runs (seeds) of each
+    final metric of their results.json documents."""
+    summary: dict[str, float | None] = {}
+    for key in SUMMARY_KEYS:
+        summary[key], summary[f"{key}_std"] = mean_std([r["final"][key] for r in results])
+    return summary
 
 
 def comparison_csv(rows: list[dict[str, Any]]) -> str:
@@ -93,7 +101,8 @@ def comparison_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _pm(mean: float | None, std: float | None) -> str:
+def plus_minus(mean: float | None, std: float | None) -> str:
+    """``mean ± std`` with 2 decimals, ``-`` for a metric that has no value."""
     return "-" if mean is None else f"{mean:.2f} ± {std:.2f}"
 
 
@@ -109,7 +118,7 @@ def comparison_markdown(rows: list[dict[str, Any]], seeds: list[int], title: str
     ]
     for row in rows:
         keys = (*SUMMARY_KEYS, "s_per_round")
-        cells = [_pm(row[k], row[f"{k}_std"]) for k in keys]
+        cells = [plus_minus(row[k], row[f"{k}_std"]) for k in keys]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

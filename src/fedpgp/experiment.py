@@ -226,21 +226,65 @@ class _Features:
         flat = self.cache.features(encoder, self.identity, images, indices, transform, view)
         return self._stored(flat, len(indices))
 
-    def train(self, cfg: RunConfig, images: ImageSource, indices: Sequence[int]) -> Tensor:
-        """(views, n, ...) training features for ``augment`` views / none (online: no view)."""
-        backbone = self.backbone
+    def cached(
+        self, images: ImageSource, indices: Sequence[int], transform: Callable, view: int | None
+    ) -> bool:
+        """Whether :meth:`encode` would take all of these features from the cache."""
+        return self.cache.holds(self.identity, images, indices, transform, view)
+
+    def train_views(self, cfg: RunConfig) -> list[tuple[Callable, int | None]]:
+        """(transform, view) of each stored training view: ``num_views`` random ones for
+        ``augment: views``, the test transform for ``none``, none for ``online``."""
         if cfg.augment == "views":
-            transform = backbone.train_transform()
-            return torch.stack(
-                [self.encode(images, indices, transform, v) for v in range(cfg.num_views)]
-            )
+            transform = self.backbone.train_transform()
+            return [(transform, v) for v in range(cfg.num_views)]
         if cfg.augment == "none":
-            return self.encode(images, indices, backbone.test_transform()).unsqueeze(0)
+            return [(self.backbone.test_transform(), None)]
+        return []
+
+    def train(self, cfg: RunConfig, images: ImageSource, indices: Sequence[int]) -> Tensor:
+        """(views, n, ...) training features of :meth:`train_views` (online: no view)."""
+        backbone = self.backbone
+        views = self.train_views(cfg)
+        if views:
+            return torch.stack([self.encode(images, indices, t, v) for t, v in views])
         # augment: online encodes every batch afresh in the step; nothing is stored.
         shape = (0, len(indices), backbone.embed_dim)
         if self.kind == PATCHES:
             shape = (0, len(indices), 0, backbone.embed_dim)
         return torch.empty(shape, device=backbone.device)
+
+
+def _image_indices(
+    manifest: PartitionManifest, wanted: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """The test images (the Base and Novel test sets, and the local ones of clients
+    ``wanted``) and the training images of those clients, each sorted."""
+    test = set(manifest.base_test) | set(manifest.novel_test)
+    test |= {i for c in wanted for i in manifest.clients[c].test}
+    train = {i for c in wanted for i in manifest.clients[c].train}
+    return sorted(test), sorted(train)
+
+
+def features_cached(
+    cfg: RunConfig,
+    backbone: FrozenCLIP,
+    splits: DatasetSplits,
+    manifest: PartitionManifest,
+    patches: bool,
+) -> bool:
+    """Whether the feature cache holds every image feature that building the experiment of
+    ``cfg`` (every client; with patch features when ``patches``) would encode, so that a dry
+    run can tell which runs still have images to encode; encodes nothing."""
+    cache = FeatureCache(cfg.cache_dir)
+    test_indices, train_indices = _image_indices(manifest, range(len(manifest.clients)))
+    for kind in (POOLED, PATCHES) if patches else (POOLED,):
+        features = _Features(backbone, cache, kind)
+        test = (splits.test.images, test_indices, backbone.test_transform(), None)
+        train = [(splits.train.images, train_indices, *view) for view in features.train_views(cfg)]
+        if not all(features.cached(*request) for request in [test, *train]):
+            return False
+    return True
 
 
 def _feature_sets(
@@ -256,11 +300,7 @@ def _feature_sets(
     labelled over ``label_space``."""
     backbone, device = features.backbone, features.backbone.device
     base_pos = _positions(manifest.base_classes)
-    test_indices = sorted(
-        set(manifest.base_test)
-        | set(manifest.novel_test)
-        | {i for c in wanted for i in manifest.clients[c].test}
-    )
+    test_indices, train_indices = _image_indices(manifest, wanted)
     test_row = {index: row for row, index in enumerate(test_indices)}
     # One encoding of every test image the run needs, shared by all clients and metrics.
     test_features = features.encode(splits.test.images, test_indices, backbone.test_transform())
@@ -274,7 +314,6 @@ def _feature_sets(
     novel = None
     if manifest.novel_classes:
         novel = test_set(manifest.novel_test, banks["novel"], _positions(manifest.novel_classes))
-    train_indices = sorted({i for c in wanted for i in manifest.clients[c].train})
     train_row = {index: row for row, index in enumerate(train_indices)}
     train_images = splits.train.images
     train_features = features.train(cfg, train_images, train_indices).to(device)

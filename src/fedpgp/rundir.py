@@ -83,6 +83,18 @@ def _probe_writable(folder: Path, what: str) -> None:
         raise ConfigError(f"{what}: cannot write in {folder} ({exc.strerror or exc})") from exc
 
 
+def check_output_folder(path: Path) -> None:
+    """ConfigError unless the folder ``path`` can be created and written: not a file nor below
+    one, and its nearest existing folder takes files (a read-only mount, missing permissions
+    or a full disk are found before any work)."""
+    path = Path(path)
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"--out {path}: {parent} is a file, expected a folder")
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    _probe_writable(existing, f"--out {path}")
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """What run.json holds."""
@@ -107,13 +119,7 @@ class RunDir:
         holding no run (finished, or interrupted: continue that one with --resume). Checked
         before any work, and again by :meth:`create`."""
         path = Path(path)
-        for parent in [path, *path.parents]:
-            if parent.exists() and not parent.is_dir():
-                raise ConfigError(f"--out {path}: {parent} is a file, expected a folder")
-        # The folder it will be created in must take files: a read-only mount, missing
-        # permissions or a full disk are found before any work.
-        existing = next(p for p in [path, *path.parents] if p.exists())
-        _probe_writable(existing, f"--out {path}")
+        check_output_folder(path)
         if (path / RESULTS).exists():
             raise ConfigError(f"--out {path}: already holds a finished run; choose another folder")
         if (path / CONFIG).exists() or (path / FOLDER).exists():
@@ -147,7 +153,7 @@ class RunDir:
             raise CheckpointError(
                 f"--resume {path}: no {path / CONFIG}; not a fedpgp run directory"
             )
-        info = cls._read_info(path)
+        info = cls.read_info(path)
         if _version_tuple(info.fedpgp_version) > _version_tuple(__version__):
             raise CheckpointError(
                 f"--resume {path}: written by fedpgp {info.fedpgp_version}, newer than this "
@@ -162,7 +168,7 @@ class RunDir:
         return run_dir
 
     @staticmethod
-    def _read_info(path: Path) -> RunInfo:
+    def read_info(path: Path) -> RunInfo:
         file = path / INFO
         if not file.is_file():
             # Written before run.json existed: the first release, and a fresh id for its nodes.
@@ -285,14 +291,24 @@ def resumed_config(
         requested = load_config(config_path, list(overrides))
     else:
         requested = config_from_dict(apply_overrides(copy.deepcopy(cfg.to_dict()), list(overrides)))
+    given = "--config/--set" if config_path is not None else "--set"
+    return reconciled_config(run_dir, requested, f"--resume {run_dir.path}: {given}", cfg)
+
+
+def reconciled_config(
+    run_dir: RunDir, requested: RunConfig, source: str, saved: RunConfig | None = None
+) -> RunConfig:
+    """``requested`` as the config of the run in ``run_dir`` (whose config.yaml reads as
+    ``saved``, read here when not given): config.yaml is rewritten where they differ in
+    RELOCATABLE keys only; any other change is a ConfigError that ``source`` begins (who asked:
+    ``--resume DIR: --set``)."""
+    cfg = run_dir.saved_config() if saved is None else saved
     changes = config_changes(cfg.to_dict(), requested.to_dict())
     refused = run_changes(cfg, requested)
     if refused:
-        given = "--config/--set" if config_path is not None else "--set"
         raise ConfigError(
-            f"--resume {run_dir.path}: {given} would change the run's config "
-            f"({describe_changes(refused)}); a resumed run keeps {run_dir.path / CONFIG} "
-            f"unchanged, except for {', '.join(RELOCATABLE)}"
+            f"{source} would change the run's config ({describe_changes(refused)}); a resumed "
+            f"run keeps {run_dir.path / CONFIG} unchanged, except for {', '.join(RELOCATABLE)}"
         )
     if changes:
         run_dir.write_config(requested)

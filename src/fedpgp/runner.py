@@ -1,11 +1,11 @@
-"""One in-process run from a validated config to its run directory, and the resumption of an
-interrupted one from its last checkpoint."""
+"""One in-process run from a validated config (or a prebuilt experiment) to its run directory,
+and the resumption of an interrupted one from its last checkpoint."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from .experiment import Experiment, build_experiment
 from .federation.inprocess import InProcess, inprocess_server
 from .federation.rounds import run_federation
 from .methods.registry import method_class
-from .rundir import RunDir, resumed_config
+from .rundir import RunDir, reconciled_config, resumed_config
 
 log = logging.getLogger("fedpgp")
 
@@ -53,12 +53,20 @@ def execute(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     RunDir.check_new(out_dir)
     started = time.perf_counter()
     experiment = build_experiment(cfg)
+    return execute_experiment(experiment, out_dir, time.perf_counter() - started)
+
+
+def execute_experiment(experiment: Experiment, out_dir: Path, setup_s: float) -> dict[str, Any]:
+    """Run the prebuilt ``experiment`` into the new run directory ``out_dir``, writing what
+    :func:`execute` writes: commands that share one experiment between runs (``fedpgp table``)
+    start here. ``setup_s``, the seconds its building took, goes to run.log."""
+    started = time.perf_counter() - setup_s
     run_dir = RunDir.create(out_dir)
     try:
         with run_dir.logging():
             log.info("run directory %s", out_dir.resolve())
-            log.info("setup took %.1f s", time.perf_counter() - started)
-            run_dir.write_config(cfg)
+            log.info("setup took %.1f s", setup_s)
+            run_dir.write_config(experiment.cfg)
             results = _run(experiment, run_dir, None)
             log.info("run took %.1f s", time.perf_counter() - started)
             return results
@@ -71,18 +79,41 @@ def resume(
 ) -> dict[str, Any]:
     """Continue the interrupted run in ``path`` from its newest complete checkpoint; the
     results are byte-identical to those of a run that never stopped."""
+    return _resume(
+        path, lambda run_dir: resumed_config(run_dir, config_path, overrides), build_experiment
+    )
+
+
+def resume_experiment(experiment: Experiment, path: Path, source: str) -> dict[str, Any]:
+    """Continue the interrupted run in ``path`` with the prebuilt ``experiment``, as
+    :func:`resume` does; the experiment's config must be the run's but for the RELOCATABLE
+    keys, else a ConfigError that ``source`` begins (it says where the config came from)."""
+    return _resume(
+        path,
+        lambda run_dir: reconciled_config(run_dir, experiment.cfg, source),
+        lambda cfg: experiment,
+    )
+
+
+def _resume(
+    path: Path,
+    config_of: Callable[[RunDir], RunConfig],
+    experiment_for: Callable[[RunConfig], Experiment],
+) -> dict[str, Any]:
+    """Resume the run in ``path`` with the config ``config_of`` settles and the experiment
+    ``experiment_for`` gives for it."""
     run_dir = RunDir.open(path)
     try:
         if run_dir.finished:
             raise CheckpointError(f"--resume {path}: the run is finished (results.json exists)")
         with run_dir.logging():
-            cfg = resumed_config(run_dir, config_path, overrides)
+            cfg = config_of(run_dir)
             # The checkpoint is read and checked against the config before the costly setup.
             checkpoint = run_dir.load_checkpoint(cfg, method_class(cfg.method).trained_keys())
             if checkpoint is None:
                 log.info("no complete checkpoint: starting again from round 0")
             started = time.perf_counter()
-            experiment = build_experiment(cfg)
+            experiment = experiment_for(cfg)
             log.info("setup took %.1f s", time.perf_counter() - started)
             results = _run(experiment, run_dir, checkpoint)
             log.info("run took %.1f s", time.perf_counter() - started)

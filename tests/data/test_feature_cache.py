@@ -23,7 +23,13 @@ from fedpgp.config import load_config
 from fedpgp.data import ArrayImages, FileImages
 from fedpgp.data.features import FeatureCache, default_cache_dir, encode_images
 from fedpgp.errors import DatasetError
-from fedpgp.experiment import build_experiment, feature_identity
+from fedpgp.experiment import (
+    build_experiment,
+    feature_identity,
+    features_cached,
+    load_backbone,
+    load_data,
+)
 from fedpgp.runner import execute
 
 
@@ -376,3 +382,36 @@ def test_a_run_with_a_file_as_cache_dir_gives_the_features_of_a_cached_run(
         )
     assert torch.equal(cached.base.features, uncached.base.features)
     assert len(_cache_warnings(caplog)) == 1
+
+
+def test_holds_tells_whether_features_would_encode_nothing(
+    tiny: FrozenCLIP, tmp_path: Path
+) -> None:
+    images = FileImages(tmp_path / "images", _write_pngs(tmp_path / "images", 3))
+    cache, transform = FeatureCache(tmp_path / "cache"), tiny.test_transform()
+    assert not cache.holds(tiny.identity, images, [0, 1], transform)
+    cache.features(tiny.encode_images, tiny.identity, images, [0, 1], transform)
+    stored = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.feat")}
+    assert cache.holds(tiny.identity, images, [1, 0], transform)
+    assert not cache.holds(tiny.identity, images, [0, 1, 2], transform)
+    assert not cache.holds(tiny.identity, images, [0], transform, view=0)
+    Image.fromarray(np.zeros((24, 24, 3), dtype=np.uint8)).save(images.path(1))
+    assert not cache.holds(tiny.identity, images, [0, 1], transform)
+    assert {p: p.stat().st_mtime_ns for p in stored} == stored, "holds writes nothing"
+
+
+def test_features_cached_covers_every_view_and_patches(tiny_data: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(
+        tiny_data, augment="views", rounds=2, local_epochs=1, cache_dir=tmp_path
+    )
+    cfg = load_config(overrides=overrides)
+    splits, manifest = load_data(cfg)
+    backbone = load_backbone(cfg)
+    assert not features_cached(cfg, backbone, splits, manifest, patches=False)
+    build_experiment(cfg)
+    assert features_cached(cfg, backbone, splits, manifest, patches=False)
+    assert not features_cached(cfg, backbone, splits, manifest, patches=True)
+    longer = load_config(overrides=[*overrides, "rounds=3"])
+    assert not features_cached(longer, backbone, splits, manifest, patches=False)
+    build_experiment(cfg, patches=True)
+    assert features_cached(cfg, backbone, splits, manifest, patches=True)

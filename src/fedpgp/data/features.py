@@ -101,9 +101,10 @@ class CorruptCacheError(Exception):
 
 class _Entry:
     """A verified cache file: sorted image indices, their features and the stamps and digests of
-    their files, memory-mapped."""
+    their files, memory-mapped. ``checksum`` False checks the header and the size only (a quick
+    look that reads no features)."""
 
-    def __init__(self, path: Path, key: str) -> None:
+    def __init__(self, path: Path, key: str, checksum: bool = True) -> None:
         size = path.stat().st_size
         with open(path, "rb") as handle:
             head = handle.read(len(MAGIC) + 8)
@@ -123,11 +124,12 @@ class _Entry:
             expected = offset + count * (8 + dim * 4 + 16 + _DIGEST)
             if size != expected:
                 raise CorruptCacheError(f"{size} bytes, expected {expected} (truncated?)")
-            body = hashlib.sha256()
-            for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
-                body.update(block)
-            if body.hexdigest() != digest:
-                raise CorruptCacheError("checksum mismatch")
+            if checksum:
+                body = hashlib.sha256()
+                for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
+                    body.update(block)
+                if body.hexdigest() != digest:
+                    raise CorruptCacheError("checksum mismatch")
         self.count, self.dim = count, dim
         if count == 0:
             self.indices = np.empty(0, dtype=np.int64)
@@ -319,6 +321,30 @@ class FeatureCache:
         except OSError as exc:  # a folder at the entry's path, a file in the cache's place
             self._warn_once(f"cannot read {path} ({exc.strerror or exc})")
             return None
+
+    def holds(
+        self,
+        encoder_id: str,
+        images: ImageSource,
+        indices: Sequence[int],
+        transform: Transform,
+        view: int | None = None,
+    ) -> bool:
+        """Whether :meth:`features` would find every image of ``indices`` in the cache, current
+        with its file on disk, and so encode nothing; reads the entry's header and rows but not
+        its features, and changes nothing (a dry run asks this)."""
+        wanted = np.unique(np.asarray(indices, dtype=np.int64))
+        if wanted.size == 0:
+            return True
+        key = self.key(encoder_id, transform, images, view)
+        try:
+            entry = _Entry(self.path(key), key, checksum=False)
+        except (CorruptCacheError, OSError):
+            return False
+        if not np.isin(wanted, entry.indices).all():
+            return False
+        changed, _, _ = _changed_files(images, entry, wanted)
+        return not changed
 
     def features(
         self,

@@ -54,6 +54,9 @@ class Method:
     aggregation: ClassVar[str] = "weighted"
     # Whether the server keeps every client's latest upload (for :meth:`server_sends`).
     keeps_uploads: ClassVar[bool] = False
+    # The GLOBAL tensor that is a CoOp context (M x D) by itself, for a method with PERSONAL
+    # tensors: its global prompt (:meth:`global_predictor`).
+    global_context: ClassVar[str | None] = None
 
     def __init__(self, cfg: RunConfig, logit_scale: float, embed_dim: int | None = None) -> None:
         self.cfg = cfg
@@ -138,9 +141,27 @@ class Method:
         """exp(logit_scale) * cos(image, class) for a batch of image features."""
         return self.logit_scale * features @ text_features.t()
 
+    def image_logits(
+        self, params: Mapping[str, Tensor], bank: PromptBank, features: Tensor
+    ) -> Tensor:
+        """Logits (N, C) of a batch of the image features this method reads (N, E), or patch
+        features (N, P, E) for a method that ``needs_patches``."""
+        return self.logits(features, self.class_features(params, bank))
+
     def predict(self, params: Mapping[str, Tensor], bank: PromptBank, features: Tensor) -> Tensor:
         """Predicted class index (into ``bank``) for each image feature (N x E, or V x N x E)."""
         return self.logits(features, self.class_features(params, bank)).argmax(dim=-1)
+
+    def global_predictor(self, global_tensors: Mapping[str, Tensor]) -> tuple[str, Tensors] | None:
+        """How the GLOBAL tensors alone classify, as (method name, the tensors it predicts
+        with), or None for a method without a global prompt. A method without PERSONAL tensors
+        predicts with its GLOBAL ones; one with them, through its :attr:`global_context` used
+        as a plain CoOp context (docs/using.md)."""
+        if not self.personal_keys:
+            return self.name, {key: global_tensors[key] for key in self.global_keys}
+        if self.global_context is None:
+            return None
+        return "promptfl", {"ctx": global_tensors[self.global_context]}
 
     def loss(
         self,

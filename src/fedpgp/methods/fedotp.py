@@ -31,6 +31,7 @@ class FedOTP(Method):
     name = "fedotp"
     global_keys = ("ctx_global",)
     personal_keys = ("ctx_local",)
+    global_context = "ctx_global"
     needs_patches = True
 
     def init_global(self, width: int, generator: torch.Generator) -> Tensors:

@@ -29,6 +29,7 @@ class FedPGP(Method):
     name = "fedpgp"
     global_keys = ("sigma",)
     personal_keys = ("U", "V")
+    global_context = "sigma"
 
     def init_global(self, width: int, generator: torch.Generator) -> Tensors:
         return {"sigma": normal_init((self.cfg.n_ctx, width), generator)}

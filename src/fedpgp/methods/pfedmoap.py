@@ -83,6 +83,7 @@ class PFedMoAP(Method):
     name = "pfedmoap"
     global_keys = ("ctx",)
     personal_keys = (*GATING, "ctx_local", "experts", "expert_mask")
+    global_context = "ctx"
     keeps_uploads = True
 
     def __init__(self, cfg: RunConfig, logit_scale: float, embed_dim: int | None = None) -> None:

@@ -24,6 +24,7 @@ class PromptFolio(Method):
     name = "promptfolio"
     global_keys = ("ctx_global",)
     personal_keys = ("ctx_local",)
+    global_context = "ctx_global"
 
     def init_global(self, width: int, generator: torch.Generator) -> Tensors:
         return {"ctx_global": normal_init((self.cfg.n_ctx, width), generator)}

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from fedpgp.experiment import build_experiment
 from fedpgp.federation.inprocess import run_inprocess
 from fedpgp.report import build_results
+from fedpgp.trained import TrainedRun, eval_config, evaluate_run
 
 pytestmark = pytest.mark.slow
 
@@ -65,5 +66,9 @@ def test_a_killed_flower_sim_run_resumes_to_the_inprocess_results(
     final = load_file(out_dir / "global.safetensors")
     torch.testing.assert_close(final["sigma"], server.global_tensors["sigma"], atol=1e-6, rtol=0)
     assert "resuming from" in (out_dir / "run.log").read_text()
-    # The virtual nodes kept their personal state inside the run directory.
+    # The virtual nodes kept their personal state inside the run directory, where `fedpgp
+    # eval` reads every client's prompt back.
     assert sorted((out_dir / "nodes").glob("*/partition-*/round-*.safetensors"))
+    run = TrainedRun.open(out_dir)
+    document = evaluate_run(run, eval_config(run), tmp_path / "eval")
+    assert document["personal"]["summary"] == expected["final"]
