@@ -17,6 +17,15 @@ from fedpgp.methods.base import Tensors
 from fedpgp.runner import execute
 
 
+def error_line(err: str) -> str:
+    """The error a failed command printed: one line, the last on stderr, after the progress
+    lines (which go to stderr too)."""
+    lines = err.strip().splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("fedpgp: error:")]
+    assert errors == [len(lines) - 1], lines
+    return lines[-1]
+
+
 def tiny_config(data_root: Path, **extra: object) -> RunConfig:
     """The tiny run of tests/tiny.py with ``extra`` keys set."""
     return load_config(None, tiny_overrides(data_root, **extra))

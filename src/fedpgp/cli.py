@@ -10,8 +10,15 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from .console import PROGRESS, console
 from .errors import FedPGPError
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+log = logging.getLogger(__name__)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -30,41 +37,72 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .errors import ConfigError
-    from .report import format_run
-    from .rundir import default_out_dir
-    from .runner import execute, resume
 
+    cfg: RunConfig | None = None
     if args.resume:
         if args.out:
             raise ConfigError("--resume DIR continues the run in DIR; --out cannot be given too")
-        out_dir = Path(args.resume)
-        if args.runtime == "flower-sim":
-            from .federation.flower.sim import resume_flower_simulation
-
-            results = resume_flower_simulation(out_dir, args.config, args.overrides)
-        else:
-            results = resume(out_dir, args.config, args.overrides)
+        log.info("resuming the run in %s", args.resume, extra=PROGRESS)
     else:
         cfg = load_config(args.config, args.overrides)
-        out_dir = Path(args.out) if args.out else default_out_dir(cfg)
-        if args.runtime == "flower-sim":
-            from .federation.flower.sim import run_flower_simulation
+        log.info(
+            "run: %s on %s, %d clients, %d rounds",
+            cfg.method,
+            cfg.dataset.name,
+            cfg.num_clients,
+            cfg.rounds,
+            extra=PROGRESS,
+        )
+    # Only after that first line: torch and open_clip take seconds to import.
+    from .report import format_run
+    from .rundir import default_out_dir
 
-            results = run_flower_simulation(cfg, out_dir)
-        else:
-            results = execute(cfg, out_dir)
-    print(format_run(results))
+    if cfg is None:
+        out_dir = Path(args.resume)
+    else:
+        out_dir = Path(args.out) if args.out else default_out_dir(cfg)
+    print(format_run(_train(args, cfg, out_dir)))
     print(f"\nresults in {out_dir}")
     return 0
+
+
+def _train(args: argparse.Namespace, cfg: RunConfig | None, out_dir: Path) -> dict[str, Any]:
+    """The results of ``fedpgp run``: a new run of ``cfg`` into ``out_dir``, or with ``cfg``
+    None the resumed run in ``out_dir``, on the runtime ``args`` name."""
+    flower = args.runtime == "flower-sim"
+    if cfg is None:
+        if flower:
+            from .federation.flower.sim import resume_flower_simulation
+
+            return resume_flower_simulation(out_dir, args.config, args.overrides)
+        from .runner import resume
+
+        return resume(out_dir, args.config, args.overrides)
+    if flower:
+        from .federation.flower.sim import run_flower_simulation
+
+        return run_flower_simulation(cfg, out_dir)
+    from .runner import execute
+
+    return execute(cfg, out_dir)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     import time
 
-    from .compare import compare, format_comparison, parse_methods, parse_seeds
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    log.info(
+        "compare on %s: %d clients, %d rounds",
+        cfg.dataset.name,
+        cfg.num_clients,
+        cfg.rounds,
+        extra=PROGRESS,
+    )
+    # Only after that first line: torch and open_clip take seconds to import.
+    from .compare import compare, format_comparison, parse_methods, parse_seeds
+
     methods = parse_methods(args.methods)
     seeds = parse_seeds(args.seeds, cfg.seed)
     out_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-compare")
@@ -75,6 +113,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
+    log.info("table: %d config files, cells in %s", len(args.configs), args.out, extra=PROGRESS)
+    # Only after that first line: torch and open_clip take seconds to import.
     from .table import cmd_table as run_table
 
     return run_table(args)
@@ -192,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        with console():
+            return int(args.func(args))
     except FedPGPError as exc:
         print(f"fedpgp: error: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import statistics
 import time
 from collections.abc import Sequence
@@ -14,11 +15,14 @@ from typing import Any
 
 from .atomic import write_bytes_atomic, write_text_atomic
 from .config import RunConfig, method_label_space, validate
+from .console import PROGRESS
 from .errors import ConfigError
 from .experiment import build_experiment
 from .federation.inprocess import run_inprocess
 from .methods.registry import COMPARED, METHOD_NAMES, method_class
 from .report import SUMMARY_KEYS, build_results, format_table, results_csv, results_json
+
+log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = COMPARED
 
@@ -170,6 +174,7 @@ def compare(
     """Run every method for every seed; write each run's results and the comparison files."""
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     seconds: dict[str, list[float]] = {m: [] for m in methods}
+    started_runs = 0
     for seed in seeds:
         base = build_experiment(
             validate(dataclasses.replace(cfg, seed=seed)),
@@ -177,6 +182,15 @@ def compare(
             label_spaces=[method_label_space(cfg, m) for m in methods],
         )
         for method in methods:
+            started_runs += 1
+            log.info(
+                "compare: %s, seed %d (run %d of %d)",
+                method,
+                seed,
+                started_runs,
+                len(methods) * len(seeds),
+                extra=PROGRESS,
+            )
             experiment = base.with_method(method)
             started = time.perf_counter()
             rounds, zeroshot, _ = run_inprocess(experiment)

@@ -88,6 +88,10 @@ class _RunSettings:
     augment: str = "none"
     views: int = 0
     optimizer_state: str = "fresh"
+    # on: the sampled clients of a round train in lockstep as one computation
+    # (fedpgp.federation.batched), or a ConfigError for a method that cannot; auto: so on
+    # CUDA where the method can; off: one client after another.
+    batch_clients: str = "auto"
     label_space: str = "all"
     device: str = "auto"
     # Prompt-learning steps are small matrix products: one CPU thread avoids OpenMP overhead
@@ -146,6 +150,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHOD_NAMES,
     "augment": ("none", "views", "online"),
     "optimizer_state": ("fresh", "shared"),
+    "batch_clients": ("auto", "on", "off"),
     "label_space": ("all", "client"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "fp32"),
@@ -240,6 +245,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and {"on", "off"} <= set(CHOICES.get(key, ())):
+            # YAML 1.1 reads a bare on / off as a boolean.
+            return "on" if value else "off"
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
@@ -315,8 +323,31 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"pfedmoap.num_experts: expected at most num_clients ({cfg.num_clients}), got {experts}"
         )
+    if cfg.batch_clients == "on":
+        _check_batchable(cfg)
     _notice_idle_rank(cfg)
     return cfg
+
+
+def _check_batchable(cfg: RunConfig) -> None:
+    """ConfigError unless the clients of ``cfg`` can train in one batch (batch_clients: on)."""
+    from .methods.registry import method_class
+
+    method = method_class(cfg.method)
+    if method.trains and not method.can_batch:
+        raise ConfigError(
+            f"batch_clients: on, but method {cfg.method} cannot train its clients in one "
+            f"batch; use auto (batched where possible) or off"
+        )
+    if cfg.optimizer_state == "shared":
+        raise ConfigError(
+            "batch_clients: on needs optimizer_state: fresh (a shared optimizer steps one "
+            "client after another)"
+        )
+    if cfg.client_timeout is not None:
+        raise ConfigError(
+            "batch_clients: on cannot time clients out one by one (client_timeout); use auto or off"
+        )
 
 
 # (rank, n_ctx) pairs already warned about: validate runs several times per run.
@@ -518,6 +549,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 # not today's default (which may differ). Keys whose introduction changed nothing are absent.
 VALUE_BEFORE_KEY = {
     "grad_clip": None,
+    "batch_clients": "off",
 }
 
 

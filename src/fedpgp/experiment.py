@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .backbone import BackboneSpec, FrozenCLIP
 from .config import RunConfig, validate
+from .console import PROGRESS
 from .data import load_dataset
 from .data.datasets import DatasetSplits, ImageSource
 from .data.features import FeatureCache, OnlineViews
@@ -86,6 +87,16 @@ def load_backbone(cfg: RunConfig, device: torch.device | str = "cpu") -> FrozenC
     if cfg.precision == "auto":
         backbone.autocast_dtype = torch.bfloat16
     return backbone
+
+
+def describe_backbone(cfg: RunConfig) -> str:
+    """The config's backbone and where its weights come from, for a progress line."""
+    b = cfg.backbone
+    if b.file:
+        return f"{b.name} (weights {b.file})"
+    if b.pretrained:
+        return f"{b.name} (weights {b.pretrained})"
+    return f"{b.name} (random weights, seed {b.init_seed})"
 
 
 def partition_options(cfg: RunConfig) -> dict[str, object]:
@@ -217,13 +228,19 @@ class _Features:
         indices: Sequence[int],
         transform: Callable,
         view: int | None = None,
+        what: str = "images",
     ) -> Tensor:
-        """Features of ``images[i]`` for i in ``indices``, from the cache where it holds them."""
+        """Features of ``images[i]`` for i in ``indices``, from the cache where it holds them;
+        ``what`` names the images in the progress line."""
         if not indices and self.kind == PATCHES:
             return torch.empty(0, 0, self.backbone.embed_dim, device=self.backbone.device)
         # The cache stores (n, E) rows: one image's patches flattened into a row.
         encoder = self.encoder if self.kind == POOLED else lambda x: self.encoder(x).flatten(1)
-        flat = self.cache.features(encoder, self.identity, images, indices, transform, view)
+        if self.kind == PATCHES:
+            what += " (patches)"
+        flat = self.cache.features(
+            encoder, self.identity, images, indices, transform, view, what=what
+        )
         return self._stored(flat, len(indices))
 
     def cached(
@@ -247,7 +264,9 @@ class _Features:
         backbone = self.backbone
         views = self.train_views(cfg)
         if views:
-            return torch.stack([self.encode(images, indices, t, v) for t, v in views])
+            return torch.stack(
+                [self.encode(images, indices, t, v, "train images") for t, v in views]
+            )
         # augment: online encodes every batch afresh in the step; nothing is stored.
         shape = (0, len(indices), backbone.embed_dim)
         if self.kind == PATCHES:
@@ -303,7 +322,9 @@ def _feature_sets(
     test_indices, train_indices = _image_indices(manifest, wanted)
     test_row = {index: row for row, index in enumerate(test_indices)}
     # One encoding of every test image the run needs, shared by all clients and metrics.
-    test_features = features.encode(splits.test.images, test_indices, backbone.test_transform())
+    test_features = features.encode(
+        splits.test.images, test_indices, backbone.test_transform(), what="test images"
+    )
 
     def test_set(indices: Sequence[int], bank: PromptBank, positions: dict[int, int]) -> EvalSet:
         rows = torch.tensor([test_row[i] for i in indices], dtype=torch.long, device=device)
@@ -376,7 +397,19 @@ def build_experiment(
     spaces besides the method's own."""
     torch.set_num_threads(cfg.threads)
     splits, manifest = load_data(cfg)
-    backbone = load_backbone(cfg, resolve_device(cfg.device))
+    log.info(
+        "dataset %s: %d train / %d test images, %d classes; partition %s over %d clients",
+        splits.name,
+        len(splits.train),
+        len(splits.test),
+        splits.num_classes,
+        cfg.partition.kind,
+        len(manifest.clients),
+        extra=PROGRESS,
+    )
+    device = resolve_device(cfg.device)
+    log.info("loading backbone %s on %s", describe_backbone(cfg), device, extra=PROGRESS)
+    backbone = load_backbone(cfg, device)
     method = create_method(cfg, backbone.logit_scale, embed_dim=backbone.embed_dim)
     wanted = list(range(len(manifest.clients))) if clients is None else list(clients)
     spaces = sorted({method.label_space, *label_spaces})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runkit import checkpoint_files, fail_client, run_rows, tiny_config
+from runkit import checkpoint_files, error_line, fail_client, run_rows, tiny_config
 from tiny import tiny_overrides
 
 from fedpgp.cli import main
@@ -113,8 +113,7 @@ def test_too_few_replies_stop_the_run_with_a_resumable_checkpoint(
     for item in overrides:
         args += ["--set", item]
     assert main(args) == 2
-    message = capsys.readouterr().err.strip()
-    assert message.count("\n") == 0
+    message = error_line(capsys.readouterr().err)
     assert message.startswith(
         "fedpgp: error: round 2: 1 of 2 sampled clients sent a usable update, min_clients is 2 "
         "(client 1 raised ConnectionError: node unreachable). The last checkpoint is in "

@@ -7,13 +7,16 @@ import json
 import statistics
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from tiny import tiny_overrides
 
 from fedpgp.cli import main
 
 
-def test_compare_writes_table_csv_and_png(tiny_data: Path, tmp_path: Path) -> None:
+def test_compare_writes_table_csv_and_png(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     args = [
         "compare",
         "--methods",
@@ -26,6 +29,13 @@ def test_compare_writes_table_csv_and_png(tiny_data: Path, tmp_path: Path) -> No
     for override in tiny_overrides(tiny_data, rounds=2):
         args += ["--set", override]
     assert main(args) == 0
+    # Progress on stderr as in `fedpgp run`, each run named; the table on stdout.
+    printed = capsys.readouterr()
+    progress = printed.err.splitlines()
+    assert progress[0] == "compare on dtd: 2 clients, 2 rounds"
+    assert "compare: fedpgp, seed 1 (run 6 of 6)" in progress
+    assert sum(line.startswith("round 2/2: local ") for line in progress) == 6
+    assert "fedpgp" in printed.out and "round 2/2" not in printed.out
     with open(tmp_path / "comparison.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["method"] for r in rows] == ["zeroshot", "promptfl", "fedpgp"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from runkit import interrupted_run, tiny_config
+from runkit import error_line, interrupted_run, tiny_config
 from tiny import tiny_overrides, write_tiny_dtd
 
 from fedpgp import experiment as experiment_module
@@ -53,8 +53,8 @@ def test_an_out_that_cannot_hold_a_run_is_refused_before_any_work(
     for item in tiny_overrides(tiny_data):
         args += ["--set", item]
     assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0] and str(out) in err[0]
+    err = error_line(capsys.readouterr().err)
+    assert needle in err and str(out) in err
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +153,8 @@ def test_a_disk_full_mid_run_stops_with_one_line_and_the_run_resumes_once_freed(
     monkeypatch.setattr(os, "fsync", fsync)
     args = ["run", "--out", str(out), "--config", str(root / "whole" / "config.yaml")]
     assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "round-000002" in err[0] and "No space left on device" in err[0]
+    err = error_line(capsys.readouterr().err)
+    assert "round-000002" in err and "No space left on device" in err
     assert not (out / "results.json").exists()
     monkeypatch.undo()
     assert main(["run", "--resume", str(out)]) == 0

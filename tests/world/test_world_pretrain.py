@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import fedpgp.backbone.weights as weights_module
-import fedpgp.world.commands as commands_module
 from fedpgp.backbone import BackboneSpec, FrozenCLIP, bpe_tokenizer
 from fedpgp.errors import BackboneError
 from fedpgp.world.commands import install_weights
@@ -66,7 +65,6 @@ def test_short_pretraining_is_deterministic_and_installs(tmp_path: Path, monkeyp
     assert other.sha256 != first.sha256
 
     package = tmp_path / "package"
-    monkeypatch.setattr(commands_module, "PACKAGE_WEIGHTS", package)
     monkeypatch.setattr(weights_module, "PACKAGE_WEIGHTS", package)
     installed = install_weights(first.path, first.sha256)
     assert json.loads((package / "weights.json").read_text())["fedpgp-world:world"] == {

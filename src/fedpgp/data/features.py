@@ -35,8 +35,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
 from ..atomic import write_bytes_atomic
+from ..console import PROGRESS
 from ..errors import DatasetError, WriteError
 from ..seeding import derive_seed
 from .datasets import ImageSource, image_file
@@ -73,7 +75,9 @@ def encode_images(
     draws each image's random augmentation from the stream of (view, image index).
     """
     chunks = []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    # disable=None: silent when stderr is not a terminal; leave=False: gone once done.
+    bar = tqdm(total=len(indices), desc="encoding", unit="image", disable=None, leave=False)
+    with bar, torch.no_grad(), torch.random.fork_rng(devices=[]):
         for start in range(0, len(indices), batch_size):
             tensors = []
             for index in indices[start : start + batch_size]:
@@ -81,6 +85,7 @@ def encode_images(
                     torch.manual_seed(_view_seed(view, int(index)))
                 tensors.append(transform(images[int(index)]))
             chunks.append(encoder(torch.stack(tensors)).float().cpu())
+            bar.update(len(tensors))
     if not chunks:
         return torch.empty(0, 0)
     return torch.cat(chunks)
@@ -269,6 +274,24 @@ def _file_bytes(key: str, meta: dict, rows: _Rows) -> bytes:
     return MAGIC + len(text).to_bytes(8, "little") + text + body
 
 
+def _log_progress(missing: int, needed: int, what: str, view: int | None) -> None:
+    """The progress line of one request to the cache: how many images it encodes."""
+    prefix = "image features" if view is None else f"image features (view {view})"
+    if not missing:
+        log.info("%s: all %d %s cached", prefix, needed, what, extra=PROGRESS)
+    elif missing == needed:
+        log.info("%s: encoding %d %s (none cached)", prefix, needed, what, extra=PROGRESS)
+    else:
+        log.info(
+            "%s: encoding %d of %d %s (the rest cached)",
+            prefix,
+            missing,
+            needed,
+            what,
+            extra=PROGRESS,
+        )
+
+
 # Cache folders already warned about: a cache that cannot be used says so once per process,
 # not once per entry.
 _warned: set[Path] = set()
@@ -355,16 +378,20 @@ class FeatureCache:
         transform: Transform,
         view: int | None = None,
         batch_size: int = 256,
+        what: str = "images",
     ) -> Tensor:
         """Features (n, E) of ``images[i]`` for i in ``indices`` (as :func:`encode_images`),
-        encoding only the images the cache does not hold yet."""
+        encoding only the images the cache does not hold yet; the progress line names the
+        images ``what`` (``test images``)."""
         wanted = np.asarray(indices, dtype=np.int64)
         if wanted.size == 0:
             return torch.empty(0, 0)
         key = self.key(encoder_id, transform, images, view)
         entry = self.load(key)
-        held = self._current_rows(images, entry, np.unique(wanted))
+        needed = np.unique(wanted)
+        held = self._current_rows(images, entry, needed)
         missing = np.setdiff1d(wanted, np.empty(0, np.int64) if held is None else held.indices)
+        _log_progress(missing.size, needed.size, what, view)
         if missing.size:
             stamps, digests = _identify(images, missing.tolist())
             fresh = encode_images(encoder, images, missing.tolist(), transform, view, batch_size)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -103,7 +103,7 @@ class Client:
         """Every tensor this client predicts with: the GLOBAL ones and its own PERSONAL ones."""
         return {**{k: global_tensors[k] for k in self.method.global_keys}, **self.personal}
 
-    def _batch_features(self, batch: Tensor, round: int, epoch: int, step: int) -> Tensor:
+    def batch_features(self, batch: Tensor, round: int, epoch: int, step: int) -> Tensor:
         """Image features of ``batch``: the stored view of this epoch (a fresh crop per epoch
         when views cover the run), or a fresh encoding for ``augment: online``."""
         if self.data.online is not None:
@@ -111,6 +111,37 @@ class Client:
             return self.data.online(batch.cpu(), seed)
         views = self.data.train_features
         return views[(round * self.method.cfg.local_epochs + epoch) % views.shape[0]][batch]
+
+    def steps(self, round: int) -> Iterator[tuple[int, int, Tensor]]:
+        """(epoch, step, batch indices) of every step of local round ``round``: ``local_epochs``
+        passes over the client's data, each in its own order drawn from the run seed."""
+        cfg = self.method.cfg
+        device = self.data.train_labels.device
+        order_rng = torch_generator(self.seed, "order", round, self.id)
+        for epoch in range(cfg.local_epochs):
+            order = torch.randperm(self.data.num_train, generator=order_rng)
+            for step, batch in enumerate(order.to(device).split(cfg.train_batch_size)):
+                yield epoch, step, batch
+
+    def outcome(
+        self,
+        params: Mapping[str, Tensor],
+        received: Mapping[str, Tensor],
+        round: int,
+        losses: list[Tensor],
+    ) -> tuple[Tensors, Update]:
+        """The PERSONAL tensors to keep and the Update to send after training to ``params``."""
+        kept = self.method.keep(params, received)
+        upload = self.method.upload(params, received)
+        if set(upload) != set(self.method.upload_keys):
+            raise RuntimeError(
+                f"method {self.method.name} uploads {sorted(upload)}, but declares "
+                f"{sorted(self.method.upload_keys)}"
+            )
+        mean_loss = float(torch.stack(losses).mean()) if losses else 0.0
+        tensors = {key: value.detach().clone() for key, value in upload.items()}
+        update = Update(self.id, round, tensors, self.data.num_train, {"loss": mean_loss})
+        return {key: value.detach().clone() for key, value in kept.items()}, update
 
     def train(
         self, received: Mapping[str, Tensor], round: int, deadline: float | None = None
@@ -122,35 +153,22 @@ class Client:
         if not self.method.trains:
             return Update(self.id, round, {}, self.data.num_train, {})
         params, optimizer = self.optimizers.prepare(self.params(received))
-        device = self.data.train_labels.device
-        order_rng = torch_generator(self.seed, "order", round, self.id)
         losses = []
-        for epoch in range(cfg.local_epochs):
-            order = torch.randperm(self.data.num_train, generator=order_rng)
-            for step, batch in enumerate(order.to(device).split(cfg.train_batch_size)):
-                if deadline is not None and time.monotonic() > deadline:
-                    raise ClientTimeoutError(f"stopped after {len(losses)} steps")
-                loss = self.method.loss(
-                    params,
-                    self._batch_features(batch, round, epoch, step),
-                    self.data.train_labels[batch],
-                    self.data.bank,
-                    received,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-                optimizer.step()
-                losses.append(loss.detach())
-        kept = self.method.keep(params, received)
-        self.personal = {key: value.detach().clone() for key, value in kept.items()}
-        upload = self.method.upload(params, received)
-        if set(upload) != set(self.method.upload_keys):
-            raise RuntimeError(
-                f"method {self.method.name} uploads {sorted(upload)}, but declares "
-                f"{sorted(self.method.upload_keys)}"
+        for epoch, step, batch in self.steps(round):
+            if deadline is not None and time.monotonic() > deadline:
+                raise ClientTimeoutError(f"stopped after {len(losses)} steps")
+            loss = self.method.loss(
+                params,
+                self.batch_features(batch, round, epoch, step),
+                self.data.train_labels[batch],
+                self.data.bank,
+                received,
             )
-        mean_loss = float(torch.stack(losses).mean()) if losses else 0.0
-        tensors = {key: value.detach().clone() for key, value in upload.items()}
-        return Update(self.id, round, tensors, self.data.num_train, {"loss": mean_loss})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+            optimizer.step()
+            losses.append(loss.detach())
+        self.personal, update = self.outcome(params, received, round, losses)
+        return update

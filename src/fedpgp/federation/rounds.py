@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..checkpoint import FOLDER, RunState
 from ..config import RunConfig
+from ..console import PROGRESS
 from ..evaluation import summarize
 from ..methods.base import Tensors
 from ..report import build_results
@@ -59,26 +60,31 @@ def tensor_bytes(tensors: Tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def round_row(
     round: int,
+    rounds: int,
     per_client: list[dict],
     sampled: list[int],
     faults: list,
     traffic: dict[str, int],
 ) -> dict:
-    """The results row of 0-based ``round``: the means over clients, who was sampled, the
-    tensor bytes of that round each way (``down`` to the clients, ``up`` from them), the
-    faults since the last row and the per-client metrics; logged as it is made."""
+    """The results row of 0-based ``round`` of ``rounds``: the means over clients, who was
+    sampled, the tensor bytes of that round each way (``down`` to the clients, ``up`` from
+    them), the faults since the last row and the per-client metrics; logged (a progress line)
+    as it is made."""
     row = {"round": round + 1, **summarize(per_client), "sampled": sampled, "bytes": traffic}
     if faults:
         row["faults"] = faults
     log.info(
-        "round %d: local %s base %s novel %s hm %s",
+        "round %d/%d: local %s base %s novel %s hm %s",
         round + 1,
-        row["local"],
-        row["base"],
-        row["novel"],
-        row["hm"],
+        rounds,
+        *(_percent(row[key]) for key in ("local", "base", "novel", "hm")),
+        extra=PROGRESS,
     )
     return {**row, "clients": per_client}
 
@@ -134,7 +140,7 @@ def run_rounds(
         last = round == cfg.rounds - 1
         if last or (round + 1) % cfg.eval_every == 0:
             per_client, zero_rows = transport.evaluate(round, server.global_tensors, last)
-            rows.append(round_row(round, per_client, sampled, pending, traffic))
+            rows.append(round_row(round, cfg.rounds, per_client, sampled, pending, traffic))
             pending = []
             if last:
                 zeroshot = summarize(zero_rows)

@@ -54,6 +54,9 @@ class Method:
     aggregation: ClassVar[str] = "weighted"
     # Whether the server keeps every client's latest upload (for :meth:`server_sends`).
     keeps_uploads: ClassVar[bool] = False
+    # Whether :meth:`batched_losses` is implemented, so that the clients of a round can train
+    # in lockstep (``batch_clients``, fedpgp.federation.batched).
+    can_batch: ClassVar[bool] = False
     # The GLOBAL tensor that is a CoOp context (M x D) by itself, for a method with PERSONAL
     # tensors: its global prompt (:meth:`global_predictor`).
     global_context: ClassVar[str | None] = None
@@ -176,6 +179,32 @@ class Method:
         :meth:`server_sends` added."""
         logits = self.logits(features, self.class_features(params, bank))
         return F.cross_entropy(logits, labels)
+
+    def batched_losses(
+        self,
+        params: Mapping[str, Tensor],
+        features: Tensor,
+        labels: Tensor,
+        mask: Tensor,
+        bank: PromptBank,
+        round_start: Mapping[str, Tensor],
+    ) -> Tensor:
+        """The losses (K,) of K clients' batches at once, each equal to :meth:`loss` on that
+        client's batch: ``params`` and ``round_start`` hold the clients' tensors stacked (K, ...),
+        ``features`` (K, B, E) and ``labels`` (K, B) their batches padded to one length, ``mask``
+        (K, B) which rows are real. This default is :meth:`loss`'s default, cross-entropy with
+        the :meth:`prediction_context` (which must take stacked tensors) as the context; a
+        method with another loss overrides it or leaves :attr:`can_batch` False."""
+        text = bank.encode(self.prediction_context(params))
+        logits = self.logit_scale * torch.einsum("kbe,kce->kbc", features, text)
+        return masked_cross_entropy(logits, labels, mask)
+
+
+def masked_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """Per-row mean cross-entropy (K,) of logits (K, B, C) over the rows ``mask`` (K, B) keeps."""
+    losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    kept = mask.to(losses.dtype)
+    return (losses.view_as(kept) * kept).sum(dim=1) / kept.sum(dim=1)
 
 
 def create_method(

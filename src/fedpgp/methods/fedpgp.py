@@ -14,21 +14,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..prompts import PromptBank, normal_init, personalized_prompt
-from .base import Method, Tensors
+from .base import Method, Tensors, masked_cross_entropy
 
 
 def contrastive_loss(z_c: Tensor, z_g: Tensor, z_p: Tensor, tau: float) -> Tensor:
     """Mean over classes of -log softmax of the positive pair (z_C, z_G) against the negative
-    pair (z_G, z_P); all features L2-normalised, so a dot product is the cosine."""
+    pair (z_G, z_P); all features L2-normalised, so a dot product is the cosine. Features
+    (C, E) give a scalar; K clients' z_g and z_p (K, C, E) give their K losses."""
     positive = (z_c * z_g).sum(dim=-1) / tau
     negative = (z_g * z_p).sum(dim=-1) / tau
-    return (torch.logsumexp(torch.stack([positive, negative]), dim=0) - positive).mean()
+    return (torch.logsumexp(torch.stack([positive, negative]), dim=0) - positive).mean(dim=-1)
 
 
 class FedPGP(Method):
     name = "fedpgp"
     global_keys = ("sigma",)
     personal_keys = ("U", "V")
+    can_batch = True
     global_context = "sigma"
 
     def init_global(self, width: int, generator: torch.Generator) -> Tensors:
@@ -55,6 +57,25 @@ class FedPGP(Method):
         contexts = torch.stack([params["sigma"], self.prediction_context(params)])
         z_g, z_p = bank.encode(contexts)
         ce = F.cross_entropy(self.logits(features, z_p), labels)
+        settings = self.cfg.fedpgp
+        z_c = bank.anchor(settings.anchor)
+        return ce + settings.mu * contrastive_loss(z_c, z_g, z_p, settings.tau)
+
+    def batched_losses(
+        self,
+        params: Mapping[str, Tensor],
+        features: Tensor,
+        labels: Tensor,
+        mask: Tensor,
+        bank: PromptBank,
+        round_start: Mapping[str, Tensor],
+    ) -> Tensor:
+        """:meth:`loss` of K clients: their 2K contexts (sigma_i, p_i) in one encoder call."""
+        count = params["sigma"].shape[0]
+        contexts = torch.cat([params["sigma"], self.prediction_context(params)])
+        z_g, z_p = bank.encode(contexts).split(count)
+        logits = self.logit_scale * torch.einsum("kbe,kce->kbc", features, z_p)
+        ce = masked_cross_entropy(logits, labels, mask)
         settings = self.cfg.fedpgp
         z_c = bank.anchor(settings.anchor)
         return ce + settings.mu * contrastive_loss(z_c, z_g, z_p, settings.tau)

@@ -25,3 +25,16 @@ class FedProx(PromptFL):
         ce = super().loss(params, features, labels, bank, round_start)
         proximal = (params["ctx"] - round_start["ctx"]).pow(2).sum()
         return ce + 0.5 * self.cfg.fedprox.mu * proximal
+
+    def batched_losses(
+        self,
+        params: Mapping[str, Tensor],
+        features: Tensor,
+        labels: Tensor,
+        mask: Tensor,
+        bank: PromptBank,
+        round_start: Mapping[str, Tensor],
+    ) -> Tensor:
+        ce = super().batched_losses(params, features, labels, mask, bank, round_start)
+        proximal = (params["ctx"] - round_start["ctx"]).pow(2).flatten(1).sum(dim=1)
+        return ce + 0.5 * self.cfg.fedprox.mu * proximal

@@ -11,6 +11,7 @@ from .base import Method, Tensors
 class Local(Method):
     name = "local"
     personal_keys = ("ctx",)
+    can_batch = True
 
     def init_personal(self, width: int, generator: torch.Generator) -> Tensors:
         return coop_context(self.cfg.n_ctx, width, generator)

@@ -11,6 +11,7 @@ from .base import Method, Tensors
 class PromptFL(Method):
     name = "promptfl"
     global_keys = ("ctx",)
+    can_batch = True
 
     def init_global(self, width: int, generator: torch.Generator) -> Tensors:
         return coop_context(self.cfg.n_ctx, width, generator)

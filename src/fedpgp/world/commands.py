@@ -1,4 +1,5 @@
-"""``fedpgp world pretrain`` and ``fedpgp world show``."""
+"""``fedpgp world pretrain`` and ``fedpgp world show``. Building their parser imports no torch:
+the pretraining and the backbone are imported when a command needs them."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpgp.backbone import PACKAGE_WEIGHTS
 from fedpgp.data.world import load_world
 from fedpgp.errors import ConfigError
-from fedpgp.world.pretrain import MODEL_NAME, PretrainSettings, pretrain
+from fedpgp.world.settings import MODEL_NAME, PretrainSettings
 
 PACKAGED_TAG = "world"
 
@@ -54,6 +54,8 @@ def add_world_commands(subparsers: argparse._SubParsersAction) -> None:
 def _pretrain_command(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.threads < 1:
         raise ConfigError("world pretrain: --steps and --threads must be positive")
+    from fedpgp.world.pretrain import pretrain
+
     settings = PretrainSettings(seed=args.seed, steps=args.steps, threads=args.threads)
     result = pretrain(Path(args.out), settings, log=lambda line: print(line, flush=True))
     print(f"wrote {result.path} (sha256 {result.sha256}) in {result.seconds / 60:.1f} min")
@@ -71,13 +73,17 @@ def _pretrain_command(args: argparse.Namespace) -> int:
 def install_weights(path: Path, sha256: str) -> Path:
     """Copy ``path`` into the package's weights folder and record it in ``weights.json`` as
     ``fedpgp-world:world``; both writes are atomic."""
-    PACKAGE_WEIGHTS.mkdir(parents=True, exist_ok=True)
-    target = PACKAGE_WEIGHTS / f"{MODEL_NAME}.safetensors"
+    # Imported when called: the backbone imports open_clip and torch.
+    from fedpgp.backbone import weights
+
+    folder = weights.PACKAGE_WEIGHTS
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{MODEL_NAME}.safetensors"
     if Path(path).resolve() != target.resolve():
         temporary = target.with_name(f".{target.name}.tmp")
         shutil.copyfile(path, temporary)
         temporary.replace(target)
-    manifest = PACKAGE_WEIGHTS / "weights.json"
+    manifest = folder / "weights.json"
     entries = json.loads(manifest.read_text()) if manifest.is_file() else {}
     entries[f"{MODEL_NAME}:{PACKAGED_TAG}"] = {"file": target.name, "sha256": sha256}
     temporary = manifest.with_name(".weights.json.tmp")

@@ -30,8 +30,8 @@ from fedpgp.world.model import (
     save_clip_weights,
     tokenize_compact,
 )
+from fedpgp.world.settings import MODEL_NAME, PretrainSettings
 
-MODEL_NAME = "fedpgp-world"
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 
 # "{}" is the class name; positions of its first token range from 1 to 19.
@@ -61,22 +61,6 @@ TEMPLATES: tuple[str, ...] = (
 # Words the model must know besides the captions: "X" fills the placeholder prompt
 # "X X .. X {class}." of the authors' code (docs/method.md section 6, fedpgp.anchor: official).
 EXTRA_WORDS = ("x",)
-
-
-@dataclass(frozen=True)
-class PretrainSettings:
-    """Hyper-parameters of the world pretraining; the defaults made the shipped weights."""
-
-    seed: int = 0
-    steps: int = 1500
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    pool_per_class: int = 300
-    threads: int = 2
-    eval_per_class: int = 20
-    log_every: int = 100
 
 
 @dataclass(frozen=True)

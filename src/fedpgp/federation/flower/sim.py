@@ -18,10 +18,13 @@ from typing import Any
 import torch
 
 from ...config import RunConfig
+from ...console import PROGRESS
 from ...errors import CheckpointError, FedPGPError
 from ...report import RESULTS
 from ...rundir import LOG, RunDir, resumed_config
 from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
 
 # Below the run directory: the virtual nodes' personal state.
 NODES = "nodes"
@@ -65,6 +68,11 @@ def run_flower_simulation(cfg: RunConfig, out_dir: Path, resume: bool = False) -
         RunDir.check_new(out_dir)
     server_app = make_server_app(cfg, ServerSettings(out_dir=out_dir, resume=resume))
     client_app = make_client_app(cfg, all_clients=True, state_dir=out_dir / NODES)
+    log.info(
+        "flower-sim: starting Ray and %d virtual SuperNodes (each loads its own data)",
+        cfg.num_clients,
+        extra=PROGRESS,
+    )
     flwr_log = logging.getLogger("flwr")
     notice = _DropDeprecationNotice()
     flwr_log.addFilter(notice)
