@@ -125,9 +125,15 @@ def main(argv: list[str] | None = None) -> int:
                 [key, f"{sequential.wall:.2f}", f"{batched.wall:.2f}", f"{sequential.cpu:.2f}",
                  f"{batched.cpu:.2f}", f"{error:.1e}"]
             )  # fmt: skip
+            peak = ""
+            if device.type == "cuda":
+                peak = (
+                    f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+                )
+                torch.cuda.reset_peak_memory_stats(device)
             notes.append(
                 f"{key}: {len(experiment.client_data)} clients, "
-                f"{len(experiment.base.bank)} classes in the label space, device {device}"
+                f"{len(experiment.base.bank)} classes in the label space, device {device}{peak}"
             )
     header = ["case", "seq wall", "batched wall", "seq CPU", "batched CPU", "rel. error"]
     report("Local training of a round: sequential vs batched", header, rows, ratios, notes,

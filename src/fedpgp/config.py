@@ -289,6 +289,14 @@ def method_label_space(cfg: RunConfig, method: str | None = None) -> str:
     return getattr(section, "label_space", cfg.label_space)
 
 
+def method_lr(cfg: RunConfig, method: str | None = None) -> float:
+    """The learning rate ``method`` (the config's by default) trains with: its section's
+    ``lr`` where it has one that is set (FedOTP), else the run's."""
+    section = getattr(cfg, cfg.method if method is None else method, None)
+    lr = getattr(section, "lr", None)
+    return cfg.lr if lr is None else lr
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check choices and ranges of every key; returns ``cfg`` unchanged or raises ConfigError."""
     for key, allowed in CHOICES.items():
@@ -549,6 +557,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 # not today's default (which may differ). Keys whose introduction changed nothing are absent.
 VALUE_BEFORE_KEY = {
     "grad_clip": None,
+    "fedotp.lr": None,
     "batch_clients": "off",
 }
 

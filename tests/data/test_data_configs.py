@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from fedpgp.config import load_config
+from fedpgp.config import load_config, method_lr
 from fedpgp.data import DatasetSplits, dataset_names, make_partition, resolve_params
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -73,4 +73,6 @@ def test_config_uses_the_papers_optimizer(path: Path) -> None:
     # The defaults are the offline world's protocol; a paper experiment must not inherit them.
     cfg = load_config(path)
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.grad_clip) == (0.001, 0.9, 5e-4, None)
+    # Nor FedOTP's own learning rate on the world (fedotp.lr).
+    assert method_lr(cfg, "fedotp") == 0.001
     assert (cfg.rounds, cfg.local_epochs) == (25, 2)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..config import method_lr
 from ..methods.base import Tensors
 from .client import Client
 from .update import Update
@@ -72,12 +73,19 @@ def train_batched(
     }
     round_start = {k: torch.stack([r[k] for r in received]) for k in received[0]}
     schedules = [list(client.steps(round)) for client in clients]
-    optimizer = _StackedSGD(cfg.lr, cfg.momentum, cfg.weight_decay)
+    optimizer = _StackedSGD(method_lr(cfg), cfg.momentum, cfg.weight_decay)
     device = params[keys[0]].device
     losses: list[list[Tensor]] = [[] for _ in clients]
+    # Clients drop out in order of their step counts, so the active set is one of K: each
+    # made once, before the loop, so that no step copies from the host to the device.
+    by_steps = sorted(range(len(clients)), key=lambda i: len(schedules[i]))
+    row_sets = {
+        len(by_steps) - dropped: torch.tensor(sorted(by_steps[dropped:]), device=device)
+        for dropped in range(len(by_steps))
+    }
     for t in range(max((len(s) for s in schedules), default=0)):
         active = [i for i, s in enumerate(schedules) if t < len(s)]
-        rows = torch.tensor(active, device=device)
+        rows = row_sets[len(active)]
         batches = []
         for i in active:
             epoch, step, batch = schedules[i][t]

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor
 
-from ..config import RunConfig
+from ..config import RunConfig, method_lr
 from ..experiment import ClientData
 from ..methods.base import Method, Tensors
 from ..seeding import derive_seed, torch_generator
@@ -30,7 +30,7 @@ class Optimizers:
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Optimizers:
         """The optimizer policy of a run: both runtimes build it here and nowhere else."""
-        return cls(cfg.optimizer_state, cfg.lr, cfg.momentum, cfg.weight_decay)
+        return cls(cfg.optimizer_state, method_lr(cfg), cfg.momentum, cfg.weight_decay)
 
     def prepare(self, values: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], torch.optim.SGD]:
         """Trainable copies of ``values`` and the optimizer that updates them."""

@@ -51,15 +51,20 @@ class FedProxSettings:
 
 @dataclass
 class FedOTPSettings:
-    """FedOTP's optimal transport (docs/method.md section 5)."""
+    """FedOTP's optimal transport (docs/method.md section 5) and the learning rate of its local
+    steps (null: the run's ``lr``)."""
 
     ot: str = "cot"
     eps: float = 0.01
     thresh: float = 1e-3
     max_iter: int = 100
     top_percent: float = 0.8
+    # The world's default (docs/world.md, "FedOTP on the world"): from the patch tokens'
+    # zero-shot level, FedOTP is still learning at round 20 with the run's clipped lr 0.01.
+    lr: float | None = 0.03
 
     ranges: ClassVar[tuple] = (
+        ("lr", 0, None, False),
         ("eps", 0, None, False),
         ("thresh", 0, None, False),
         ("max_iter", 1, None, True),
