@@ -3,7 +3,6 @@ frozen work (backbone, dataset, features) of each seed between the methods."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import logging
@@ -20,7 +19,14 @@ from .errors import ConfigError
 from .experiment import build_experiment
 from .federation.inprocess import run_inprocess
 from .methods.registry import COMPARED, METHOD_NAMES, method_class
-from .report import SUMMARY_KEYS, build_results, format_table, results_csv, results_json
+from .report import (
+    SUMMARY_KEYS,
+    build_results,
+    dict_rows_csv,
+    format_table,
+    results_csv,
+    results_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +104,7 @@ def comparison_csv(rows: list[dict[str, Any]]) -> str:
         "s_per_round",
         "s_per_round_std",
     ]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+    return dict_rows_csv(columns, rows)
 
 
 def plus_minus(mean: float | None, std: float | None) -> str:

@@ -49,12 +49,11 @@ class _ConsoleHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def console() -> Iterator[None]:
-    """Show the ``fedpgp`` logger's progress lines and warnings on stderr for the duration.
-    The logger stops propagating meanwhile, so that nothing reaches the terminal twice (and
-    the root handler prints no INFO details)."""
+def attached(handler: logging.Handler) -> Iterator[None]:
+    """``handler`` on the ``fedpgp`` logger for the duration, which logs INFO at least and stops
+    propagating meanwhile (so that nothing reaches the terminal twice, and the root handler
+    prints no INFO details)."""
     log = logging.getLogger("fedpgp")
-    handler = _ConsoleHandler(sys.stderr)
     previous_level, previous_propagate = log.level, log.propagate
     if log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)
@@ -66,3 +65,10 @@ def console() -> Iterator[None]:
         log.removeHandler(handler)
         log.setLevel(previous_level)
         log.propagate = previous_propagate
+
+
+@contextlib.contextmanager
+def console() -> Iterator[None]:
+    """Show the ``fedpgp`` logger's progress lines and warnings on stderr for the duration."""
+    with attached(_ConsoleHandler(sys.stderr)):
+        yield

@@ -75,6 +75,15 @@ def results_csv(rounds: Sequence[dict]) -> str:
     return buffer.getvalue()
 
 
+def dict_rows_csv(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    """``rows`` as CSV text with a header of ``columns`` (keys of each row, in that order)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 RESULTS = "results.json"
 
 

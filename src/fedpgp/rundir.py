@@ -48,6 +48,7 @@ from .config import (
     run_changes,
     saved_config,
 )
+from .console import attached
 from .data.partition import PartitionManifest
 from .errors import CheckpointError, ConfigError
 from .report import RESULTS, write_results
@@ -264,17 +265,11 @@ class RunDir:
         """Send the run's log (wall-clock times, paths) to run.log, appending on resume."""
         handler = logging.FileHandler(self.path / LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        previous_level, previous_propagate = log.level, log.propagate
-        log.setLevel(logging.INFO)
         # The terminal gets progress lines and the final table; the details go to run.log only.
-        log.propagate = False
         try:
-            yield
+            with attached(handler):
+                yield
         finally:
-            log.removeHandler(handler)
-            log.setLevel(previous_level)
-            log.propagate = previous_propagate
             handler.close()
 
 

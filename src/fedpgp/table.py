@@ -12,7 +12,6 @@ any cell runs.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import io
 import json
@@ -48,7 +47,7 @@ from .experiment import (
     resolve_device,
 )
 from .methods.registry import method_class
-from .report import RESULTS, SUMMARY_KEYS, format_table
+from .report import RESULTS, SUMMARY_KEYS, dict_rows_csv, format_table
 from .rundir import CONFIG, RunDir
 from .runner import execute_experiment, resume_experiment
 
@@ -310,11 +309,7 @@ def table_csv(rows: Sequence[dict[str, Any]]) -> str:
         "seeds",
         *(name for key in SUMMARY_KEYS for name in (key, f"{key}_std")),
     ]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+    return dict_rows_csv(columns, rows)
 
 
 def _value(row: dict[str, Any], key: str) -> str:
