@@ -138,17 +138,11 @@ class Classifier:
     def logits(self, features: Tensor) -> Tensor:
         """Logits (N, C) over :attr:`classes` of image features (see :meth:`features`)."""
         features = features.to(self.backbone.device)
+        if not len(features):
+            return torch.empty(0, len(self.classes), device=self.backbone.device)
         with torch.no_grad():
-            return (
-                torch.cat(
-                    [
-                        self.method.image_logits(self.params, self.bank, chunk)
-                        for chunk in features.split(BATCH)
-                    ]
-                )
-                if len(features)
-                else torch.empty(0, len(self.classes))
-            )
+            chunks = features.split(BATCH)
+            return torch.cat([self.method.image_logits(self.params, self.bank, c) for c in chunks])
 
     def probabilities(self, images: Iterable[Image.Image | str | Path]) -> Tensor:
         """Class probabilities (N, C): the softmax of the logits."""

@@ -337,25 +337,26 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def _check_batchable(cfg: RunConfig) -> None:
-    """ConfigError unless the clients of ``cfg`` can train in one batch (batch_clients: on)."""
+def batch_obstacle(cfg: RunConfig) -> str | None:
+    """Why the clients of ``cfg`` cannot train in one lockstep computation, or None when they
+    can (a method that trains nothing has nothing to batch: None too)."""
     from .methods.registry import method_class
 
     method = method_class(cfg.method)
     if method.trains and not method.can_batch:
-        raise ConfigError(
-            f"batch_clients: on, but method {cfg.method} cannot train its clients in one "
-            f"batch; use auto (batched where possible) or off"
-        )
+        return f"method {cfg.method} cannot train its clients in one batch"
     if cfg.optimizer_state == "shared":
-        raise ConfigError(
-            "batch_clients: on needs optimizer_state: fresh (a shared optimizer steps one "
-            "client after another)"
-        )
+        return "it needs optimizer_state: fresh (a shared optimizer steps one client after another)"
     if cfg.client_timeout is not None:
-        raise ConfigError(
-            "batch_clients: on cannot time clients out one by one (client_timeout); use auto or off"
-        )
+        return "clients cannot be timed out one by one (client_timeout)"
+    return None
+
+
+def _check_batchable(cfg: RunConfig) -> None:
+    """ConfigError unless the clients of ``cfg`` can train in one batch (batch_clients: on)."""
+    obstacle = batch_obstacle(cfg)
+    if obstacle is not None:
+        raise ConfigError(f"batch_clients: on, but {obstacle}; use auto or off")
 
 
 # (rank, n_ctx) pairs already warned about: validate runs several times per run.

@@ -27,6 +27,12 @@ def _add_prompt_choice(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_classes(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--classes", metavar="FILE", help=f"{what}, one per line (default: the run's base classes)"
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .trained import TrainedRun, eval_config, evaluate_run, format_eval
 
@@ -169,11 +175,7 @@ def add_use_commands(
     pr.add_argument("run", metavar="RUN", help="run directory, or a file `fedpgp export` wrote")
     _add_prompt_choice(pr)
     pr.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
-    pr.add_argument(
-        "--classes",
-        metavar="FILE",
-        help="class names, one per line (default: the run's base classes)",
-    )
+    _add_classes(pr, "class names")
     pr.add_argument("--top-k", type=int, default=1, help="classes shown per image (default 1)")
     pr.add_argument("--format", choices=("table", "csv", "json"), default="table")
     pr.set_defaults(func=cmd_predict)
@@ -188,9 +190,5 @@ def add_use_commands(
     ex.add_argument("run", metavar="RUN", help="run directory")
     _add_prompt_choice(ex)
     ex.add_argument("--out", required=True, metavar="FILE.safetensors")
-    ex.add_argument(
-        "--classes",
-        metavar="FILE",
-        help="class names to store, one per line (default: the run's base classes)",
-    )
+    _add_classes(ex, "class names to store")
     ex.set_defaults(func=cmd_export)

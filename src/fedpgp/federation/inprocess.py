@@ -10,6 +10,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..checkpoint import RunState
+from ..config import batch_obstacle
 from ..evaluation import evaluate_clients, zero_shot_rows
 from ..experiment import Experiment
 from ..methods.base import Tensors
@@ -66,13 +67,12 @@ class InProcess:
         bound by its matrix products, not by per-client overhead, and lockstep gains only 1.1
         to 1.3x (docs/speed.md) at float-order differences: auto keeps the exact sequential
         path there."""
-        cfg, method = self.experiment.cfg, self.experiment.method
-        if not (method.trains and method.can_batch) or cfg.batch_clients == "off":
+        cfg = self.experiment.cfg
+        if not self.experiment.method.trains or cfg.batch_clients == "off":
             return False
-        if cfg.batch_clients == "on":
-            return True
-        sequential_only = cfg.optimizer_state == "shared" or cfg.client_timeout is not None
-        return not sequential_only and self.experiment.backbone.device.type == "cuda"
+        if batch_obstacle(cfg) is not None:
+            return False
+        return cfg.batch_clients == "on" or self.experiment.backbone.device.type == "cuda"
 
     def train(self, round: int, sends: dict[int, Tensors]) -> list[Update | Fault]:
         if self.batches and len(sends) > 1:
