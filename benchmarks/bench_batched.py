@@ -131,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
                     f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
                 )
                 torch.cuda.reset_peak_memory_stats(device)
+            # Lockstep groups are the clients sharing a prompt bank; a method training each
+            # client over its own classes (FedTPG) has groups of one, trained one by one.
+            groups = len({id(data.local.bank) for data in experiment.client_data.values()})
             notes.append(
-                f"{key}: {len(experiment.client_data)} clients, "
-                f"{len(experiment.base.bank)} classes in the label space, device {device}{peak}"
+                f"{key}: {len(experiment.client_data)} clients in {groups} lockstep group(s), "
+                f"{len(experiment.base.bank)} base classes, device {device}{peak}"
             )
     header = ["case", "seq wall", "batched wall", "seq CPU", "batched CPU", "rel. error"]
     report("Local training of a round: sequential vs batched", header, rows, ratios, notes,

@@ -5,12 +5,18 @@ The tiny backbone (fedpgp-tiny, random weights) on one fixed CIFAR-10-sized synt
 (beta 1000, nearly uniform) over 10, 100 and 1000 clients with frac 0.1, so every client holds
 1/K of the data. Each case runs in its own process:
 
-- time per round: rounds 1..R (round 0 trains every client by the protocol; it is not timed),
-  each the library's sampling, local training (2 epochs, batch 32) and aggregation; no
-  evaluation. The authors' loop runs the same sampled clients with their step (image encoder on
-  the batch, four full-length text passes) plus their per-round copy of every client's prompt
-  weights. A control case, 1000 clients with frac 0.01, samples as many clients as the
-  100-client case: equal times there mean an unsampled client costs nothing per round.
+- time per round: rounds 1..R (round 0 trains every client by the protocol; it is not timed), each
+  the library's local training (2 epochs, batch 32) of the sampled clients; sampling, aggregation
+  and evaluation are not timed. It is timed twice, on the same sampled clients and the same
+  received tensors: one client after another (``batch_clients: off``) and all of them in lockstep
+  (``batch_clients: on``), after one untimed warm-up round of each on throwaway clients; the two
+  must agree (relative error under 1e-2, as in bench_batched), and the sequential replies are
+  aggregated. The growth of each from the smallest to the largest case, against the growth of the
+  sampled clients, shows whether a round grows sub-linearly in them. The authors' loop runs the
+  same sampled clients with their step (image encoder on the batch, four full-length text passes)
+  plus their per-round copy of every client's prompt weights; it is compared with the sequential
+  path. A control case, 1000 clients with frac 0.01, samples as many clients as the 100-client
+  case: equal times there mean an unsampled client costs nothing per round.
 - memory per client: resident memory after building the experiment and all clients; between
   100 and 1000 clients the data is the same (only split finer), so the difference over the 900
   extra clients is what a client costs beyond its data (goal: at most 64 KB).
@@ -22,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -42,13 +50,16 @@ from benchlib import (
 
 from fedpgp.config import RunConfig
 from fedpgp.experiment import Experiment, build_experiment
-from fedpgp.federation.client import Client
 from fedpgp.federation.inprocess import InProcess, inprocess_server
+from fedpgp.federation.update import Update
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DATASET = "bench-scale-cifar10"
 TRAIN_PER_CLASS, TEST_PER_CLASS, IMAGE_SIZE = 2000, 1000, 16
 BUDGET = 64 * 1024
+# bench_batched's tolerance: float-order differences of the lockstep path, amplified by training.
+TOLERANCE = 1e-2
+PATHS = {"sequential": "off", "batched": "on"}  # path -> batch_clients
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -134,6 +145,44 @@ class AuthorsRound:
                 self.learner[key].copy_(value)
 
 
+class Fallbacks(logging.Handler):
+    """The transport's warnings: a lockstep group that raised is trained again one client at a
+    time, which would time the sequential path under the batched name."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / a.norm().clamp(min=1e-12))
+
+
+def transport(experiment: Experiment, path: str) -> InProcess:
+    """Every client of ``experiment``, from its start, training by ``path``."""
+    cfg = dataclasses.replace(experiment.cfg, batch_clients=PATHS[path])
+    built = InProcess(dataclasses.replace(experiment, cfg=cfg))
+    if built.batches != (path == "batched"):
+        raise SystemExit(f"batch_clients: {PATHS[path]} does not take the {path} path")
+    return built
+
+
+def timed_round(
+    runtime: InProcess, round: int, sends: dict[int, dict[str, torch.Tensor]]
+) -> tuple[float, list[Update]]:
+    """CPU seconds of ``runtime``'s local training of ``sends``, and its Updates."""
+    start = time.process_time()
+    replies = runtime.train(round, sends)
+    elapsed = time.process_time() - start
+    faults = [r for r in replies if not isinstance(r, Update)]
+    if faults:
+        raise SystemExit(f"round {round}: faults {faults}")
+    return elapsed, replies
+
+
 def worker(num_clients: int, frac: float, rounds: int) -> dict:
     register_synthetic(DATASET, CIFAR10, TRAIN_PER_CLASS, TEST_PER_CLASS, IMAGE_SIZE)
     with tempfile.TemporaryDirectory() as root:
@@ -155,33 +204,60 @@ def worker(num_clients: int, frac: float, rounds: int) -> dict:
         baseline = resident_bytes()
         experiment = build_experiment(cfg)
     server = inprocess_server(experiment)
-    clients: dict[int, Client] = InProcess(experiment).clients
+    paths = {"sequential": transport(experiment, "sequential")}
     resident = resident_bytes()
+    # Built after the memory is read: the same start, and each path keeps its own PERSONAL
+    # tensors from round to round.
+    paths["batched"] = transport(experiment, "batched")
+    # One untimed round of each path on throwaway clients: the first call in a process pays
+    # one-off costs (allocations, first kernels) that would fall on whichever path went first.
+    warm_up = {cid: server.sends(cid, 1) for cid in server.sample(1)}
+    for path in PATHS:
+        transport(experiment, path).train(1, warm_up)
+    fallbacks = Fallbacks()
+    logging.getLogger("fedpgp.federation.inprocess").addHandler(fallbacks)
     authors = AuthorsRound(experiment)
-    ours_cpu, authors_cpu, sampled_counts, steps = [], [], [], []
+    clients = paths["sequential"].clients
+    times: dict[str, list[float]] = {"authors": [], "sequential": [], "batched": []}
+    sampled_counts, steps, lockstep, errors = [], [], [], [0.0]
     for round in range(1, rounds + 1):
         sampled = server.sample(round)
         sampled_counts.append(len(sampled))
-        steps.append(
-            sum(
-                cfg.local_epochs * -(-clients[c].data.num_train // cfg.train_batch_size)
-                for c in sampled
-            )
-        )
+        counts = [
+            cfg.local_epochs * -(-clients[c].data.num_train // cfg.train_batch_size)
+            for c in sampled
+        ]
+        steps.append(sum(counts))
+        lockstep.append(max(counts))  # a lockstep round is as long as its longest client
         images = {cid: authors.images(cid) for cid in sampled}
+        sends = {cid: server.sends(cid, round) for cid in sampled}
         start = time.process_time()
         authors.run(sampled, images, server.global_tensors["sigma"], round)
-        authors_cpu.append(time.process_time() - start)
-        start = time.process_time()
-        server.aggregate([clients[c].train(server.global_tensors, round) for c in sampled])
-        ours_cpu.append(time.process_time() - start)
+        times["authors"].append(time.process_time() - start)
+        # Alternate which path goes first, so that neither always runs on the other's caches.
+        order = list(PATHS) if round % 2 else list(reversed(PATHS))
+        replies: dict[str, list[Update]] = {}
+        for path in order:
+            elapsed, replies[path] = timed_round(paths[path], round, sends)
+            times[path].append(elapsed)
+        if fallbacks.records:
+            raise SystemExit(f"the batched path fell back: {fallbacks.records[0].getMessage()}")
+        for a, b in zip(replies["sequential"], replies["batched"], strict=True):
+            errors += [relative_error(a.tensors[k], b.tensors[k]) for k in a.tensors]
+        for cid in sampled:
+            kept = paths["batched"].clients[cid].personal
+            errors += [relative_error(v, kept[k]) for k, v in clients[cid].personal.items()]
+        server.aggregate(replies["sequential"])
+    if max(errors) > TOLERANCE:
+        raise SystemExit(f"the two paths disagree: relative error {max(errors):.2e}")
     return {
         "clients": num_clients,
         "frac": frac,
         "sampled": sum(sampled_counts) / rounds,
         "steps": sum(steps) / rounds,
-        "ours_s": sum(ours_cpu) / rounds,
-        "authors_s": sum(authors_cpu) / rounds,
+        "lockstep_steps": sum(lockstep) / rounds,
+        **{f"{path}_s": sum(values) / rounds for path, values in times.items()},
+        "error": max(errors),
         "resident": resident - baseline,
         "data": client_bytes(experiment),
     }
@@ -224,26 +300,33 @@ def main(argv: list[str] | None = None) -> int:
     rows, ratios = [], {}
     for (k, frac), r in results.items():
         name = f"K={k}" if frac == 0.1 else f"K={k}, frac={frac:g}"
-        ratios[name] = round(r["authors_s"] / r["ours_s"], 2)
+        ratios[name] = round(r["authors_s"] / r["sequential_s"], 2)
+        ratios[f"{name} seq/batched"] = round(r["sequential_s"] / r["batched_s"], 2)
         rows.append(
             [
                 name,
                 f"{r['sampled']:g}",
                 f"{r['steps']:g}",
-                f"{r['ours_s']:.3f}",
-                f"{1000 * r['ours_s'] / r['steps']:.1f}",
+                f"{r['lockstep_steps']:g}",
                 f"{r['authors_s']:.3f}",
+                f"{r['sequential_s']:.3f}",
+                f"{1000 * r['sequential_s'] / r['steps']:.1f}",
+                f"{r['batched_s']:.3f}",
+                f"{r['sequential_s'] / r['batched_s']:.2f}x",
                 f"{r['resident'] / 2**20:.1f}",
                 f"{r['data'] / 2**20:.1f}",
             ]
         )
     main_cases = sorted(k for k, f in results if f == 0.1)
-    per_client = None
+    per_client, growth = None, None
     notes = [
         f"fedpgp-tiny, {torch.get_num_threads()} thread(s); CIFAR-10-sized synthetic data, "
         f"Dirichlet beta 1000; n_ctx 16, rank 8, 2 local epochs, batch 32",
-        f"times are CPU seconds per round, mean of rounds 1..{args.rounds}; no evaluation; "
-        f"steps = local steps of the sampled clients per round",
+        f"times are CPU seconds of local training per round, mean of rounds 1..{args.rounds}; "
+        f"no evaluation; steps = local steps of the sampled clients per round, lockstep = "
+        f"steps of the batched path (its longest client's); largest relative error between "
+        f"the two paths {max(r['error'] for r in results.values()):.1e}",
+        "a round of one sampled client trains it alone on both paths (nothing to batch)",
     ]
     if len(main_cases) > 1:
         small, large = main_cases[-2], main_cases[-1]
@@ -257,22 +340,44 @@ def main(argv: list[str] | None = None) -> int:
         same = results[control]
         notes.append(
             f"unsampled clients cost nothing per round: K={large} with {same['sampled']:g} "
-            f"sampled spends {1000 * same['ours_s'] / same['steps']:.1f} ms per local step, "
-            f"K={small} with {a['sampled']:g} sampled {1000 * a['ours_s'] / a['steps']:.1f} ms "
-            f"(a round is its sampled clients' steps; every client holds 1/K of the data)"
+            f"sampled spends {1000 * same['sequential_s'] / same['steps']:.1f} ms per local "
+            f"step, K={small} with {a['sampled']:g} sampled "
+            f"{1000 * a['sequential_s'] / a['steps']:.1f} ms (a round is its sampled clients' "
+            f"steps; every client holds 1/K of the data)"
+        )
+        first, last = results[(main_cases[0], 0.1)], b
+        growth = {
+            key: round(last[key] / first[key], 2)
+            for key in ("sampled", "steps", "sequential_s", "batched_s")
+        }
+        notes.append(
+            f"growth K={main_cases[0]} -> K={large}: sampled clients x{growth['sampled']:g}, "
+            f"their local steps x{growth['steps']:g}; time per round sequential "
+            f"x{growth['sequential_s']:g}, batched x{growth['batched_s']:g}; ms per sampled "
+            f"client sequential {1000 * first['sequential_s'] / first['sampled']:.1f} -> "
+            f"{1000 * last['sequential_s'] / last['sampled']:.1f}, batched "
+            f"{1000 * first['batched_s'] / first['sampled']:.1f} -> "
+            f"{1000 * last['batched_s'] / last['sampled']:.1f}"
         )
     notes.append(f"total wall time {time.perf_counter() - started:.0f} s")
     header = [
         "case",
         "sampled",
         "steps",
-        "ours (s)",
-        "ours/step (ms)",
+        "lockstep",
         "authors (s)",
+        "seq (s)",
+        "seq/step (ms)",
+        "batched (s)",
+        "seq/batched",
         "resident (MiB)",
         "client data (MiB)",
     ]
-    extra = {"bytes_per_client": None if per_client is None else round(per_client)}
+    extra = {
+        "bytes_per_client": None if per_client is None else round(per_client),
+        "growth": growth,
+        "cases": list(results.values()),
+    }
     report("Scaling with clients (tiny backbone)", header, rows, ratios, notes, args.json, extra)
     return 0
 

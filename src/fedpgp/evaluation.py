@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .experiment import ClientData, EvalSet, Experiment
 from .methods.base import Method
+from .prompts import PromptBank
 
 METRICS = ("local", "base", "novel")
 
@@ -35,6 +36,12 @@ def summarize(per_client: Sequence[Mapping[str, float | None]]) -> dict[str, flo
     return summary
 
 
+def tensors_key(params: Mapping[str, Tensor]) -> tuple:
+    """What identifies a client's prediction tensors within one evaluation: clients that
+    predict with the very same tensors (the GLOBAL ones alone) share it."""
+    return tuple(sorted((key, id(value)) for key, value in params.items()))
+
+
 def evaluate_client(
     method: Method,
     params: Mapping[str, Tensor],
@@ -42,15 +49,18 @@ def evaluate_client(
     base: EvalSet,
     novel: EvalSet | None,
     memo: dict[tuple, float] | None = None,
+    class_features: Mapping[int, Tensor] | None = None,
 ) -> dict[str, float | None]:
     """Local, Base and Novel accuracy of one client's prediction context. ``memo`` holds the
     accuracies already measured with the very same tensors on the very same sets: clients that
-    predict with the GLOBAL tensors alone then measure Base and Novel once between them."""
+    predict with the GLOBAL tensors alone then measure Base and Novel once between them.
+    ``class_features`` (by ``id`` of a bank) holds this client's class features already
+    encoded (:func:`batched_class_features`)."""
     sets = {"local": local, "base": base, "novel": novel}
     present = {name: s for name, s in sets.items() if s is not None and len(s) > 0}
     results: dict[str, float | None] = dict.fromkeys(sets)
     # Identities are stable here: ``params`` and the sets are alive for the whole call.
-    tensors = tuple(sorted((key, id(value)) for key, value in params.items()))
+    tensors = tensors_key(params)
     memo = {} if memo is None else memo
     todo: dict[str, EvalSet] = {}
     for name, s in present.items():
@@ -64,10 +74,13 @@ def evaluate_client(
     by_bank: dict[int, list[str]] = {}
     for name, s in todo.items():
         by_bank.setdefault(id(s.bank), []).append(name)
-    for names in by_bank.values():
+    for bank_id, names in by_bank.items():
         features = torch.cat([todo[n].features for n in names])
         with torch.no_grad():
-            predicted = method.predict(params, todo[names[0]].bank, features)
+            if class_features is not None and bank_id in class_features:
+                predicted = method.logits(features, class_features[bank_id]).argmax(dim=-1)
+            else:
+                predicted = method.predict(params, todo[names[0]].bank, features)
         sizes = [len(todo[n]) for n in names]
         for name, chunk in zip(names, predicted.split(sizes), strict=True):
             accuracy = float((chunk == todo[name].labels).float().mean()) * 100.0
@@ -75,13 +88,49 @@ def evaluate_client(
     return results
 
 
+def batched_class_features(
+    experiment: Experiment, params: Mapping[int, Mapping[str, Tensor]]
+) -> dict[int, dict[int, Tensor]]:
+    """Client id -> (id of a bank -> its class features) for every bank a client is evaluated
+    on, each bank's classes encoded for all the clients' distinct prediction tensors in one
+    call; empty for a method that cannot (:attr:`~fedpgp.methods.base.Method.encodes_batched`)
+    or when only one set of tensors is evaluated."""
+    method = experiment.method
+    distinct: dict[tuple, Mapping[str, Tensor]] = {}
+    for tensors in params.values():
+        distinct.setdefault(tensors_key(tensors), tensors)
+    if not method.encodes_batched or len(distinct) < 2:
+        return {}
+    shared = [s for s in (experiment.base, experiment.novel) if s is not None and len(s) > 0]
+    users: dict[int, tuple[PromptBank, dict[tuple, list[int]]]] = {}
+    for cid, tensors in params.items():
+        local = experiment.client_data[cid].local
+        for s in [local, *shared] if len(local) > 0 else shared:
+            bank_users = users.setdefault(id(s.bank), (s.bank, {}))[1]
+            bank_users.setdefault(tensors_key(tensors), []).append(cid)
+    out: dict[int, dict[int, Tensor]] = {cid: {} for cid in params}
+    for bank_id, (bank, by_tensors) in users.items():
+        keys = list(by_tensors)
+        stacked = {
+            name: torch.stack([distinct[key][name] for key in keys]) for name in distinct[keys[0]]
+        }
+        with torch.no_grad():
+            features = method.batched_class_features(stacked, bank)
+        for key, feature in zip(keys, features, strict=True):
+            for cid in by_tensors[key]:
+                out[cid][bank_id] = feature
+    return out
+
+
 def evaluate_clients(
     experiment: Experiment, params: Mapping[int, Mapping[str, Tensor]]
 ) -> list[dict]:
     """Per-client rows {id, n_train, local, base, novel} of the clients in ``params`` (client id
-    -> the tensors it predicts with), each with its own prediction context, by client id."""
+    -> the tensors it predicts with), each with its own prediction context, by client id. A
+    method that can batch encodes each class set once for all the clients."""
     data: Mapping[int, ClientData] = experiment.client_data
     memo: dict[tuple, float] = {}
+    encoded = batched_class_features(experiment, params)
     return [
         {
             "id": cid,
@@ -93,6 +142,7 @@ def evaluate_clients(
                 experiment.base,
                 experiment.novel,
                 memo,
+                encoded.get(cid),
             ),
         }
         for cid in sorted(params)

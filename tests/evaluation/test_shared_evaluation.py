@@ -76,8 +76,56 @@ def test_clients_with_the_same_tensors_measure_base_and_novel_once(
         len(experiment.novel),
         locals_[1],
     ]
-    # Different tensors (a personal method's) are measured for each client.
+    # Different tensors (a personal method's) are measured for each client, from class
+    # features encoded for both clients at once: one encoder call per bank.
+    encoded: list[int] = []
+    original_encode = PromptBank.encode
+
+    def counting_encode(bank: PromptBank, contexts):
+        encoded.append(len(contexts))
+        return original_encode(bank, contexts)
+
+    monkeypatch.setattr(PromptBank, "encode", counting_encode)
     predicted.clear()
     copies = {cid: {k: v.clone() for k, v in shared.items()} for cid in experiment.client_data}
-    evaluate_clients(experiment, copies)
-    assert len(predicted) == 4
+    rows = evaluate_clients(experiment, copies)
+    assert {row["id"]: {k: row[k] for k in ("local", "base", "novel")} for row in rows} == alone
+    assert predicted == []
+    assert encoded == [len(copies), len(copies)]
+
+
+@pytest.mark.parametrize("label_space", ["all", "client"])
+@pytest.mark.parametrize(
+    "method", ["local", "promptfl", "fedprox", "fedpgp", "fedotp", "promptfolio", "fedtpg"]
+)
+def test_batched_evaluation_equals_each_client_alone(
+    tiny_data: Path, method: str, label_space: str
+) -> None:
+    cfg = load_config(
+        overrides=tiny_overrides(tiny_data, method=method, label_space=label_space, n_ctx=4)
+    )
+    experiment = build_experiment(cfg)
+    generator = torch.Generator().manual_seed(3)
+    # Every client's own tensors, moved off their shared start so that each predicts apart.
+    params = {
+        cid: {
+            k: v + 0.05 * torch.randn(v.shape, generator=generator)
+            for k, v in {**start_global(experiment), **start_personal(experiment, cid)}.items()
+        }
+        for cid in experiment.client_data
+    }
+    alone = [
+        {
+            "id": cid,
+            "n_train": experiment.client_data[cid].num_train,
+            **evaluate_client(
+                experiment.method,
+                params[cid],
+                experiment.client_data[cid].local,
+                experiment.base,
+                experiment.novel,
+            ),
+        }
+        for cid in sorted(params)
+    ]
+    assert evaluate_clients(experiment, params) == alone

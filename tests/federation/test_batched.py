@@ -46,9 +46,15 @@ def _config(data: Path, method: str, mode: str, **extra: object):
     )
 
 
-def _final(data: Path, method: str, mode: str) -> tuple[list[dict], dict, dict]:
-    experiment = build_experiment(_config(data, method, mode))
+def _final(data: Path, method: str, mode: str, **extra: object) -> tuple[list[dict], dict, dict]:
+    experiment = build_experiment(_config(data, method, mode, **extra))
     transport = InProcess(experiment)
+    if mode == "on":
+        # Lockstep must not fall back to one client at a time (which would equal sequential).
+        def refuse(*args: object) -> None:
+            raise AssertionError(f"{method}: a client trained alone with batch_clients: on")
+
+        transport._train_one = refuse
     server = inprocess_server(experiment)
     rows, _ = run_rounds(experiment.cfg, server, transport, None, lambda state: None)
     personal = {cid: dict(c.personal) for cid, c in transport.clients.items()}
@@ -56,8 +62,10 @@ def _final(data: Path, method: str, mode: str) -> tuple[list[dict], dict, dict]:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Relative error ||a - b|| / ||a|| under 1e-5."""
-    assert float((a - b).norm() / a.norm().clamp(min=1e-12)) < 1e-5
+    """Relative error ||a - b|| / ||a|| under 1e-5, with ||a|| taken as at least 1e-4: FedTPG's
+    key bias has an exact gradient of zero (softmax is shift-invariant), so it holds only
+    rounding noise (norm about 5e-10), while every other tensor here has a norm above 7e-4."""
+    assert float((a - b).norm() / a.norm().clamp(min=1e-4)) < 1e-5
 
 
 def test_the_clients_have_different_numbers_of_steps(tiny_data: Path) -> None:
@@ -68,9 +76,13 @@ def test_the_clients_have_different_numbers_of_steps(tiny_data: Path) -> None:
 
 @pytest.mark.parametrize("method", BATCHABLE)
 def test_batched_equals_sequential(method: str, tiny_data: Path) -> None:
-    assert InProcess(build_experiment(_config(tiny_data, method, "on"))).batches
-    rows_b, global_b, personal_b = _final(tiny_data, method, "on")
-    rows_s, global_s, personal_s = _final(tiny_data, method, "off")
+    # A method that trains each client over its own classes by default (FedTPG) does so over
+    # all of them here: clients of different prompt banks never share a lockstep group.
+    section = getattr(load_config(), method, None)
+    own = {f"{method}.label_space": "all"} if hasattr(section, "label_space") else {}
+    assert InProcess(build_experiment(_config(tiny_data, method, "on", **own))).batches
+    rows_b, global_b, personal_b = _final(tiny_data, method, "on", **own)
+    rows_s, global_s, personal_s = _final(tiny_data, method, "off", **own)
     assert global_b.keys() == global_s.keys() and personal_b.keys() == personal_s.keys()
     for key in global_s:
         _close(global_s[key], global_b[key])
@@ -81,7 +93,7 @@ def test_batched_equals_sequential(method: str, tiny_data: Path) -> None:
         for key in ("local", "base", "novel"):
             assert abs(row_b[key] - row_s[key]) <= 0.05
     # Each path is deterministic on its own.
-    again = _final(tiny_data, method, "on")
+    again = _final(tiny_data, method, "on", **own)
     assert all(torch.equal(global_b[k], again[1][k]) for k in global_b)
 
 
@@ -141,8 +153,8 @@ def test_a_group_that_raises_trains_one_by_one(
 
 
 def test_batch_clients_on_is_refused_where_it_cannot_be() -> None:
-    with pytest.raises(ConfigError, match="method fedotp cannot train its clients in one batch"):
-        load_config(None, ["method=fedotp", "batch_clients=on"])
+    with pytest.raises(ConfigError, match="method pfedmoap cannot train its clients in one batch"):
+        load_config(None, ["method=pfedmoap", "batch_clients=on"])
     with pytest.raises(ConfigError, match="optimizer_state: fresh"):
         load_config(None, ["batch_clients=on", "optimizer_state=shared"])
     with pytest.raises(ConfigError, match="client_timeout"):

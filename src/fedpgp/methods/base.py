@@ -54,9 +54,13 @@ class Method:
     aggregation: ClassVar[str] = "weighted"
     # Whether the server keeps every client's latest upload (for :meth:`server_sends`).
     keeps_uploads: ClassVar[bool] = False
-    # Whether :meth:`batched_losses` is implemented, so that the clients of a round can train
-    # in lockstep (``batch_clients``, fedpgp.federation.batched).
+    # Whether :meth:`batched_losses` holds, so that the clients of a round can train in
+    # lockstep (``batch_clients``, fedpgp.federation.batched).
     can_batch: ClassVar[bool] = False
+    # Whether the method classifies through its class features alone (its logits are
+    # :meth:`logits` of :meth:`class_features`) and :meth:`batched_class_features` holds, so
+    # that an evaluation encodes each class set once for all its clients.
+    encodes_batched: ClassVar[bool] = False
     # The GLOBAL tensor that is a CoOp context (M x D) by itself, for a method with PERSONAL
     # tensors: its global prompt (:meth:`global_predictor`).
     global_context: ClassVar[str | None] = None
@@ -140,6 +144,12 @@ class Method:
         """Normalised text features (C x E) of every class of ``bank``."""
         return bank.encode(self.prediction_context(params))
 
+    def batched_class_features(self, params: Mapping[str, Tensor], bank: PromptBank) -> Tensor:
+        """What :meth:`class_features` gives each of K clients, from their tensors stacked
+        (K, ...), in one encoder call: (K, C, E) by default, from the
+        :meth:`prediction_context` of the stacked tensors."""
+        return bank.encode(self.prediction_context(params))
+
     def logits(self, features: Tensor, text_features: Tensor) -> Tensor:
         """exp(logit_scale) * cos(image, class) for a batch of image features."""
         return self.logit_scale * features @ text_features.t()
@@ -195,7 +205,7 @@ class Method:
         (K, B) which rows are real. This default is :meth:`loss`'s default, cross-entropy with
         the :meth:`prediction_context` (which must take stacked tensors) as the context; a
         method with another loss overrides it or leaves :attr:`can_batch` False."""
-        text = bank.encode(self.prediction_context(params))
+        text = self.batched_class_features(params, bank)
         logits = self.logit_scale * torch.einsum("kbe,kce->kbc", features, text)
         return masked_cross_entropy(logits, labels, mask)
 

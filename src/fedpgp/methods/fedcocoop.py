@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..prompts import PromptBank, linear_init, normal_init
-from .base import Method, Tensors
+from .base import Method, Tensors, masked_cross_entropy
 
 # Images whose contexts are encoded in one call at prediction: bounds the (images x classes x
 # tokens x width) activations of one call.
@@ -28,6 +28,7 @@ PREDICT_CHUNK = 64
 class FedCoCoOp(Method):
     name = "fedcocoop"
     global_keys = ("ctx", "meta_w1", "meta_b1", "meta_w2", "meta_b2")
+    can_batch = True
 
     def init_global(self, width: int, generator: torch.Generator) -> Tensors:
         embed = self.embed_dim
@@ -69,3 +70,18 @@ class FedCoCoOp(Method):
         round_start: Mapping[str, Tensor],
     ) -> Tensor:
         return F.cross_entropy(self.image_logits(params, bank, features), labels)
+
+    def batched_losses(
+        self,
+        params: Mapping[str, Tensor],
+        features: Tensor,
+        labels: Tensor,
+        mask: Tensor,
+        bank: PromptBank,
+        round_start: Mapping[str, Tensor],
+    ) -> Tensor:
+        """:meth:`loss` of K clients: the K x B image contexts in one encoder call."""
+        contexts = torch.func.vmap(self.image_contexts)(params, features)
+        text = bank.encode(contexts.flatten(0, 1)).unflatten(0, contexts.shape[:2])
+        logits = self.logit_scale * torch.einsum("kbe,kbce->kbc", features, text)
+        return masked_cross_entropy(logits, labels, mask)

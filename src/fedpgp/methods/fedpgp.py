@@ -31,6 +31,7 @@ class FedPGP(Method):
     global_keys = ("sigma",)
     personal_keys = ("U", "V")
     can_batch = True
+    encodes_batched = True
     global_context = "sigma"
 
     def init_global(self, width: int, generator: torch.Generator) -> Tensors:

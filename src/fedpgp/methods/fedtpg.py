@@ -27,21 +27,31 @@ from .base import Method, Tensors
 FF_MULT = 4
 
 
+def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """F.linear that also takes K clients' stacked weights (K, out, in) and biases (K, out)."""
+    return x @ weight.transpose(-1, -2) + bias.unsqueeze(-2)
+
+
+def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """F.layer_norm over the last dimension, with stacked affine parameters allowed (K, width)."""
+    return F.layer_norm(x, (x.shape[-1],)) * weight.unsqueeze(-2) + bias.unsqueeze(-2)
+
+
 def generate_context(params: Mapping[str, Tensor], names: Tensor, heads: int) -> Tensor:
-    """The generator's context (M x D) for class-name features ``names`` (C x E)."""
-    width = params["tpg_prompt"].shape[1]
-    query = F.layer_norm(params["tpg_prompt"], (width,), params["tpg_ln_q_w"], params["tpg_ln_q_b"])
-    keys = F.layer_norm(names, (names.shape[1],), params["tpg_ln_kv_w"], params["tpg_ln_kv_b"])
-    q = F.linear(query, params["tpg_q_w"], params["tpg_q_b"])
-    k = F.linear(keys, params["tpg_k_w"], params["tpg_k_b"])
-    v = F.linear(keys, params["tpg_v_w"], params["tpg_v_b"])
-    # (heads, tokens, width / heads): each head attends over the classes on its own slice.
-    q, k, v = (t.unflatten(1, (heads, -1)).transpose(0, 1) for t in (q, k, v))
-    attended = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).flatten(1)
-    attended = F.linear(attended, params["tpg_out_w"], params["tpg_out_b"])
-    hidden = F.layer_norm(attended, (width,), params["tpg_ln_f_w"], params["tpg_ln_f_b"])
-    value, gate = F.linear(hidden, params["tpg_ff1_w"], params["tpg_ff1_b"]).chunk(2, dim=-1)
-    return attended + F.linear(value * F.gelu(gate), params["tpg_ff2_w"], params["tpg_ff2_b"])
+    """The generator's context (M x D) for class-name features ``names`` (C x E); K clients'
+    stacked tensors give their K contexts (K, M, D) in the same products."""
+    query = _layer_norm(params["tpg_prompt"], params["tpg_ln_q_w"], params["tpg_ln_q_b"])
+    keys = _layer_norm(names, params["tpg_ln_kv_w"], params["tpg_ln_kv_b"])
+    q = _linear(query, params["tpg_q_w"], params["tpg_q_b"])
+    k = _linear(keys, params["tpg_k_w"], params["tpg_k_b"])
+    v = _linear(keys, params["tpg_v_w"], params["tpg_v_b"])
+    # (..., heads, tokens, width / heads): each head attends over the classes on its own slice.
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(-3, -2) for t in (q, k, v))
+    attended = F.scaled_dot_product_attention(q, k, v).transpose(-3, -2).flatten(-2)
+    attended = _linear(attended, params["tpg_out_w"], params["tpg_out_b"])
+    hidden = _layer_norm(attended, params["tpg_ln_f_w"], params["tpg_ln_f_b"])
+    value, gate = _linear(hidden, params["tpg_ff1_w"], params["tpg_ff1_b"]).chunk(2, dim=-1)
+    return attended + _linear(value * F.gelu(gate), params["tpg_ff2_w"], params["tpg_ff2_b"])
 
 
 class FedTPG(Method):
@@ -67,6 +77,9 @@ class FedTPG(Method):
         "tpg_ff2_w",
         "tpg_ff2_b",
     )
+
+    can_batch = True
+    encodes_batched = True
 
     @property
     def aggregation(self) -> str:  # type: ignore[override]
@@ -118,3 +131,7 @@ class FedTPG(Method):
     def class_features(self, params: Mapping[str, Tensor], bank: PromptBank) -> Tensor:
         """Enc(ctx, c) with the context generated from this bank's own class names."""
         return bank.encode(generate_context(params, bank.name_features(), self.cfg.fedtpg.heads))
+
+    def batched_class_features(self, params: Mapping[str, Tensor], bank: PromptBank) -> Tensor:
+        """The K clients' generated contexts (K, M, D), encoded in one call."""
+        return self.class_features(params, bank)

@@ -12,6 +12,7 @@ class Local(Method):
     name = "local"
     personal_keys = ("ctx",)
     can_batch = True
+    encodes_batched = True
 
     def init_personal(self, width: int, generator: torch.Generator) -> Tensors:
         return coop_context(self.cfg.n_ctx, width, generator)

@@ -12,6 +12,7 @@ class PromptFL(Method):
     name = "promptfl"
     global_keys = ("ctx",)
     can_batch = True
+    encodes_batched = True
 
     def init_global(self, width: int, generator: torch.Generator) -> Tensors:
         return coop_context(self.cfg.n_ctx, width, generator)

@@ -25,6 +25,8 @@ class PromptFolio(Method):
     global_keys = ("ctx_global",)
     personal_keys = ("ctx_local",)
     global_context = "ctx_global"
+    can_batch = True
+    encodes_batched = True
 
     def init_global(self, width: int, generator: torch.Generator) -> Tensors:
         return {"ctx_global": normal_init((self.cfg.n_ctx, width), generator)}
@@ -41,4 +43,12 @@ class PromptFolio(Method):
         """(1 - theta) z_G + theta z_L from one encoding of both contexts."""
         theta = self.cfg.promptfolio.theta
         z_global, z_local = bank.encode(torch.stack([params["ctx_global"], params["ctx_local"]]))
+        return (1.0 - theta) * z_global + theta * z_local
+
+    def batched_class_features(self, params: Mapping[str, Tensor], bank: PromptBank) -> Tensor:
+        """The mix (K, C, E) of K clients, their 2K contexts in one encoder call."""
+        theta = self.cfg.promptfolio.theta
+        count = params["ctx_global"].shape[0]
+        contexts = torch.cat([params["ctx_global"], params["ctx_local"]])
+        z_global, z_local = bank.encode(contexts).split(count)
         return (1.0 - theta) * z_global + theta * z_local
