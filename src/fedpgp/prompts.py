@@ -7,11 +7,13 @@ shared by all classes, so a learned context transfers to any class list by rebui
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .backbone import FrozenCLIP
+from .backbone.frozen import check_deep
 from .backbone.text import SharedPrefixEncoder, shared_prefix_supported
 from .data.datasets import normalize_classname
 from .errors import ConfigError
@@ -50,25 +52,32 @@ def personalized_prompt(sigma: Tensor, U: Tensor, V: Tensor) -> Tensor:
 
 
 class PromptBank:
-    """The frozen token embeddings of ``[SOS] . <name> . [EOT]`` for a list of class names, into
+    """The frozen token embeddings of ``[SOS] . <suffix> [EOT]`` for a list of class names, into
     which any context (M x D) is inserted. Built once per class list; cut at the longest EOT.
+    The suffix is ``suffix`` with the class name in its ``{}``: ``"{}."`` (CoOp's prompt) by
+    default, ``"of a {}."`` for the methods whose context replaces the first words of "a photo
+    of a {}." (BASELINES.md Part B, section 0).
 
     Encoding shares the ``[SOS] ctx`` prefix between classes (:mod:`fedpgp.backbone.text`) when the
     text tower allows it, and otherwise runs the assembled prompts through the text tower.
     """
 
-    def __init__(self, backbone: FrozenCLIP, classnames: list[str], n_ctx: int) -> None:
+    def __init__(
+        self, backbone: FrozenCLIP, classnames: list[str], n_ctx: int, suffix: str = "{}."
+    ) -> None:
+        if suffix.count("{}") != 1:
+            raise ConfigError(f"prompt suffix {suffix!r}: expected one {{}} for the class name")
         self.backbone = backbone
         # Normalised as the loaders do, so "ice_cream" and "ice cream" give the same prompt.
         self.classnames = [normalize_classname(name) for name in classnames]
         self.n_ctx = n_ctx
-        ids, eot = backbone.tokenize([f"{name}." for name in self.classnames])
+        ids, eot = backbone.tokenize([suffix.format(name) for name in self.classnames])
         needed = int(eot.max()) + 1 + n_ctx
         if needed > backbone.context_length:
             longest = self.classnames[int(eot.argmax())]
             raise ConfigError(
-                f"n_ctx: {n_ctx} context tokens plus class name '{longest}' need {needed} "
-                f"positions, the model '{backbone.name}' has {backbone.context_length}"
+                f"n_ctx: {n_ctx} context tokens plus the prompt {suffix.format(longest)!r} need "
+                f"{needed} positions, the model '{backbone.name}' has {backbone.context_length}"
             )
         length = int(eot.max()) + 1
         with torch.no_grad():
@@ -94,18 +103,28 @@ class PromptBank:
         suffix = self.suffix.unsqueeze(0).expand(count, *self.suffix.shape)
         return torch.cat([prefix, ctx, suffix], dim=2).flatten(0, 1)
 
-    def encode(self, contexts: Tensor) -> Tensor:
+    def encode(self, contexts: Tensor, deep: Sequence[Tensor] = ()) -> Tensor:
         """Normalised text features of each context with every class: (P, M, D) -> (P, C, E).
-        A single context (M, D) gives (C, E)."""
+        A single context (M, D) gives (C, E). ``deep[i - 1]`` (M_i, D) shared by the contexts,
+        or (P, M_i, D) one per context, replaces the hidden states of the first M_i context
+        positions before text block i (deep prompts)."""
         single = contexts.dim() == 2
         batch = (contexts.unsqueeze(0) if single else contexts).to(self.prefix.device)
+        count = batch.shape[0]
+        if deep:
+            check_deep(deep, len(self.backbone.text.transformer.resblocks), self.n_ctx)
+        if single:
+            deep = [tokens.unsqueeze(0) if tokens.dim() == 2 else tokens for tokens in deep]
         if self._shared is not None:
-            sos = self.prefix[0].expand(batch.shape[0], -1, -1)
-            features = self._shared.encode(torch.cat([sos, batch], dim=1))
+            sos = self.prefix[0].expand(count, -1, -1)
+            features = self._shared.encode(torch.cat([sos, batch], dim=1), deep)
         else:
+            classes = len(self.classnames)
+            # One row per (context, class): a per-context deep prompt repeats for each class.
+            rows = [t.repeat_interleave(classes, dim=0) if t.dim() == 3 else t for t in deep]
             features = self.backbone.encode_prompts(
-                self.assemble(batch), self.eot.repeat(batch.shape[0])
-            ).view(batch.shape[0], len(self.classnames), -1)
+                self.assemble(batch), self.eot.repeat(count), rows
+            ).view(count, classes, -1)
         return features[0] if single else features
 
     def anchor(self, kind: str = "paper") -> Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +87,22 @@ def _text_tower(model: nn.Module) -> nn.Module:
             f"{type(model).__name__} has no CLIP-style text transformer; prompt learning needs one"
         )
     return tower
+
+
+def check_deep(deep: Sequence[Tensor], blocks: int, positions: int) -> None:
+    """ValueError unless ``deep`` fits a text tower of ``blocks`` blocks whose prompts may
+    replace at most ``positions`` positions after SOS."""
+    if len(deep) >= blocks:
+        raise ValueError(
+            f"{len(deep)} deep text prompts need {len(deep) + 1} blocks, the text tower has "
+            f"{blocks}"
+        )
+    for tokens in deep:
+        if tokens.shape[-2] > positions:
+            raise ValueError(
+                f"a deep text prompt of {tokens.shape[-2]} tokens cannot replace more than the "
+                f"{positions} context positions"
+            )
 
 
 class FrozenCLIP(nn.Module):
@@ -186,17 +202,36 @@ class FrozenCLIP(nn.Module):
         """Token embeddings (N, L, D), without positions."""
         return self.text.token_embedding(ids.to(self.device))
 
-    def encode_prompts(self, embeddings: Tensor, eot_index: Tensor) -> Tensor:
+    def encode_prompts(
+        self, embeddings: Tensor, eot_index: Tensor, deep: Sequence[Tensor] = ()
+    ) -> Tensor:
         """L2-normalised text features of prompt embeddings (N, L, D).
 
         Runs the transformer only over positions up to the last EOT in the batch: attention is
-        causal, so later positions cannot change any EOT feature.
+        causal, so later positions cannot change any EOT feature. ``deep[i - 1]`` (M, D), or
+        (N, M, D) for one per prompt, replaces the hidden states of positions 1 .. M before
+        block i (deep text prompts).
         """
         length = int(eot_index.max()) + 1
         with self.autocast():
             x = embeddings[:, :length] + self.text.positional_embedding[:length]
             mask = self.text.attn_mask
-            x = self.text.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
+            mask = None if mask is None else mask[:length, :length]
+            if deep:
+                check_deep(deep, len(self.text.transformer.resblocks), length - 1)
+                if not getattr(self.text.transformer, "batch_first", False):
+                    raise BackboneError(
+                        f"model '{self.name}': deep text prompts need a batch-first text tower"
+                    )
+                for index, block in enumerate(self.text.transformer.resblocks):
+                    if 0 < index <= len(deep):
+                        tokens = deep[index - 1]
+                        tokens = tokens.expand(x.shape[0], -1, -1) if tokens.dim() == 2 else tokens
+                        tokens = tokens.to(x.dtype)
+                        x = torch.cat([x[:, :1], tokens, x[:, 1 + tokens.shape[1] :]], dim=1)
+                    x = block(x, attn_mask=mask)
+            else:
+                x = self.text.transformer(x, attn_mask=mask)
             x = self.text.ln_final(x)
             x = x[torch.arange(x.shape[0], device=x.device), eot_index.to(x.device)]
             projection = self.text.text_projection

@@ -11,13 +11,14 @@ full-length computation up to float rounding; only the number of positions compu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .frozen import FrozenCLIP
+from .frozen import FrozenCLIP, check_deep
 
 _BLOCK_PARTS = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
 
@@ -111,17 +112,23 @@ class SharedPrefixEncoder:
             self._eot_rows[count] = index.to(self.backbone.device)
         return self._eot_rows[count]
 
-    def encode(self, prefixes: Tensor) -> Tensor:
-        """Features (P, C, E) of every prefix (P, prefix_length, D) with every class suffix."""
+    def encode(self, prefixes: Tensor, deep: Sequence[Tensor] = ()) -> Tensor:
+        """Features (P, C, E) of every prefix (P, prefix_length, D) with every class suffix.
+        ``deep[i - 1]`` (M, D), or (P, M, D) for one per prefix, replaces the hidden states of
+        prefix positions 1 .. M before block i: deep prompts, which stay prefix rows, so the
+        prefix is still shared by every class."""
         count, length, width = prefixes.shape
         if length != self.prefix_length:
             raise ValueError(f"expected prefixes of {self.prefix_length} tokens, got {length}")
+        check_deep(deep, len(self.blocks), length - 1)
         text = self.backbone.text
         with self.backbone.autocast():
             pieces = [(prefixes + text.positional_embedding[:length]).reshape(-1, width)]
             pieces += [g.tokens.expand(count, -1, -1, -1).reshape(-1, width) for g in self.groups]
             rows = torch.cat(pieces)
-            for block in self.blocks:
+            for index, block in enumerate(self.blocks):
+                if 0 < index <= len(deep):
+                    rows = self._replace_prefix(rows, deep[index - 1], count)
                 rows = self._block(block, rows, count)
             x = text.ln_final(rows[self._eot_index(count)])
             projection = text.text_projection
@@ -129,6 +136,15 @@ class SharedPrefixEncoder:
                 x = projection(x) if isinstance(projection, nn.Module) else x @ projection
         x = x.float().view(count, self.num_classes, -1)[:, self.restore]
         return F.normalize(x, dim=-1)
+
+    def _replace_prefix(self, rows: Tensor, tokens: Tensor, count: int) -> Tensor:
+        """``rows`` with prefix positions 1 .. M of every prefix replaced by ``tokens``."""
+        split = count * self.prefix_length
+        prefix = rows[:split].view(count, self.prefix_length, -1)
+        tokens = tokens.expand(count, -1, -1) if tokens.dim() == 2 else tokens
+        length = tokens.shape[1]
+        prefix = torch.cat([prefix[:, :1], tokens.to(rows.dtype), prefix[:, 1 + length :]], dim=1)
+        return torch.cat([prefix.reshape(split, -1), rows[split:]])
 
     def _block(self, block: nn.Module, rows: Tensor, count: int) -> Tensor:
         """One residual attention block over the flat token matrix (prefix rows first)."""

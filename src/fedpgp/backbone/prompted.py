@@ -1,0 +1,123 @@
+"""The frozen image tower with learnable tokens inside it (issue 14; ../shared/BASELINES.md
+Part B, sections 0 and 4), for the methods that prompt the vision encoder (VPT, IVLP, MaPLe,
+FedMGP).
+
+What does not depend on any prompt is split off as the *stem*: the tokens entering block 0
+(patch embedding, class token, positions and ``ln_pre``, as open_clip's ``_embeds`` computes
+them). It is computed once per image and can be cached like any image feature; a step runs only
+the blocks. Layer-0 prompts V_0 (M x D_v) are appended after the stem's tokens, through
+``ln_pre`` (per token, so ``ln_pre([X; V]) = [ln_pre X; ln_pre V]``) and without positions;
+deep prompts V_i replace the last M tokens before block i = 1 .. J-1; pooling is ``ln_post`` of
+the class token times ``proj``. With no prompt the result is open_clip's ``encode_image``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock, Transformer, VisionTransformer
+from torch import Tensor
+
+from ..errors import BackboneError
+from .frozen import FrozenCLIP
+
+
+def prompted_visual(backbone: FrozenCLIP) -> VisionTransformer:
+    """The image tower of ``backbone`` when it is the standard open_clip ViT this module replays
+    (class-token pooling, ``ln_post`` before pooling, batch-first residual attention blocks);
+    a BackboneError naming the backbone otherwise, never a silent fallback."""
+    visual = backbone.model.visual
+    problems = []
+    if not isinstance(visual, VisionTransformer):
+        problems.append(f"its image tower is a {type(visual).__name__}, not a ViT")
+    else:
+        if visual.attn_pool is not None:
+            problems.append("it pools images by attention")
+        pool = getattr(visual, "pool_type", None)
+        if pool != "tok":
+            problems.append(f"it pools by {pool!r}, not the class token")
+        if visual.final_ln_after_pool:
+            problems.append("its final LayerNorm comes after pooling")
+        transformer = visual.transformer
+        if not isinstance(transformer, Transformer) or not transformer.batch_first:
+            problems.append("its blocks are not a batch-first open_clip Transformer")
+        elif not all(type(b) is ResidualAttentionBlock for b in transformer.resblocks):
+            problems.append("its blocks are not standard residual attention blocks")
+    if problems:
+        raise BackboneError(
+            f"model '{backbone.name}' cannot take prompts inside its image tower: "
+            f"{'; '.join(problems)}"
+        )
+    return visual
+
+
+class PromptedImageTower:
+    """Image features of stems with layer-0 and deep prompts (see the module docstring)."""
+
+    def __init__(self, backbone: FrozenCLIP) -> None:
+        self.backbone = backbone
+        self.visual = prompted_visual(backbone)
+        self.blocks = list(self.visual.transformer.resblocks)
+
+    @property
+    def width(self) -> int:
+        """D_v: the width of the tokens and of every prompt."""
+        return int(self.visual.class_embedding.shape[0])
+
+    @property
+    def depth(self) -> int:
+        """Number of blocks: prompts can enter blocks 0 .. depth - 1."""
+        return len(self.blocks)
+
+    @torch.no_grad()
+    def stem(self, images: Tensor) -> Tensor:
+        """Tokens (N, 1 + P, D_v) entering block 0 for transformed images (N, 3, H, W): frozen,
+        so computed once per image."""
+        with self.backbone.autocast():
+            tokens = self.visual._embeds(images.to(self.backbone.device))
+        return tokens.float()
+
+    def encode(
+        self,
+        stem: Tensor,
+        prompts: Tensor | None = None,
+        deep: Sequence[Tensor] = (),
+    ) -> Tensor:
+        """L2-normalised image features (N, E) of stems (N, 1 + P, D_v).
+
+        ``prompts`` (M, D_v), or (N, M, D_v) for a prompt per image, are appended before block
+        0; ``deep[i - 1]`` (same shapes) replaces them before block i. Gradients reach every
+        prompt; the tower stays frozen.
+        """
+        if deep and prompts is None:
+            raise ValueError("deep prompts replace layer-0 prompts: pass prompts too")
+        if len(deep) >= self.depth:
+            raise ValueError(
+                f"{len(deep)} deep prompts need {len(deep) + 1} blocks, the image tower of "
+                f"'{self.backbone.name}' has {self.depth}"
+            )
+        length = None if prompts is None else prompts.shape[-2]
+        if any(tokens.shape[-2] != length for tokens in deep):
+            raise ValueError(f"every deep prompt must have the {length} tokens it replaces")
+        count = stem.shape[0]
+        x = stem.to(self.backbone.device)
+        with self.backbone.autocast():
+            if prompts is not None:
+                appended = self._rows(self.visual.ln_pre(prompts), count).to(x.dtype)
+                x = torch.cat([x, appended], dim=1)
+            for index, block in enumerate(self.blocks):
+                if 0 < index <= len(deep):
+                    replaced = self._rows(deep[index - 1], count).to(x.dtype)
+                    x = torch.cat([x[:, : -replaced.shape[1]], replaced], dim=1)
+                x = block(x)
+            pooled, _ = self.visual._pool(x)
+            if self.visual.proj is not None:
+                pooled = pooled @ self.visual.proj
+        return F.normalize(pooled.float(), dim=-1)
+
+    @staticmethod
+    def _rows(tokens: Tensor, count: int) -> Tensor:
+        """Prompt tokens as (N, M, D_v): shared by the batch, or already one set per image."""
+        return tokens.expand(count, -1, -1) if tokens.dim() == 2 else tokens
