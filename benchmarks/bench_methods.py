@@ -79,7 +79,7 @@ def step_times(
             **method.initial_personal(backbone.text_width, 0),
         }
         received = {k: v.to(device) for k, v in received_for(method, start, generator).items()}
-        features = (patches if method.needs_patches else pooled).to(device)
+        features = (patches if method.image_kind == "patches" else pooled).to(device)
         params = {k: received.get(k, v).to(device) for k, v in start.items()}
 
         def step(method=method, params=params, features=features, received=received) -> float:
@@ -97,7 +97,7 @@ def world_rounds(names: list[str], device: torch.device) -> dict[str, tuple[Timi
     cfg = validate(RunConfig(device=device.type))
     base = build_experiment(
         cfg,
-        patches=any(method_class(m).needs_patches for m in names),
+        kinds=[method_class(m).image_kind for m in names],
         label_spaces=[method_label_space(cfg, m) for m in names],
     )
     out = {}

@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds if names else []:
         # The records hook the one-client-at-a-time path (Client.train), not lockstep training.
         seeded = validate(dataclasses.replace(cfg, seed=seed, batch_clients="off"))
-        experiment = build_experiment(seeded, patches=True)
+        experiment = build_experiment(seeded, kinds=["patches"])
         results[seed] = {}
         for name in names:
             results[seed][name] = run(variant(experiment, name))

@@ -29,7 +29,7 @@ from . import __version__
 from .atomic import write_bytes_atomic
 from .config import RunConfig, config_from_dict
 from .errors import BackboneError, CheckpointError, ConfigError
-from .experiment import load_backbone, resolve_device
+from .experiment import POOLED, image_encoder, load_backbone, resolve_device
 from .methods.base import Method, Tensors, create_method
 from .prompts import PromptBank
 from .trained import TrainedRun
@@ -113,8 +113,8 @@ class Classifier:
         return Classifier(self.prompt, classes, self.backbone)
 
     def features(self, images: Iterable[Image.Image | str | Path]) -> Tensor:
-        """The image features :meth:`logits` reads (pooled (N, E), or patches (N, P, E) for a
-        method that needs them), as a run computes them: RGB, the test transform."""
+        """The image features :meth:`logits` reads (its method's ``image_kind``), as a run
+        computes them: RGB, the test transform."""
         from .data.datasets import read_image, to_rgb
 
         pictures = [
@@ -122,15 +122,14 @@ class Classifier:
             for image in images
         ]
         chunks = []
+        kind = self.method.image_kind
+        encoder, _ = image_encoder(self.backbone, kind)
         with torch.no_grad():
             for start in range(0, len(pictures), BATCH):
                 batch = torch.stack([self._transform(p) for p in pictures[start : start + BATCH]])
-                if self.method.needs_patches:
-                    # Stored in half precision, as a run's patch features are.
-                    patches = self.backbone.encode_images_with_patches(batch)[1]
-                    chunks.append(patches.to(torch.float16))
-                else:
-                    chunks.append(self.backbone.encode_images(batch))
+                features = encoder(batch)
+                # Token kinds in half precision, as a run keeps them.
+                chunks.append(features if kind == POOLED else features.to(torch.float16))
         if not chunks:
             return torch.empty(0, self.backbone.embed_dim, device=self.backbone.device)
         return torch.cat(chunks)

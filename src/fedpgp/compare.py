@@ -180,7 +180,7 @@ def compare(
     for seed in seeds:
         base = build_experiment(
             validate(dataclasses.replace(cfg, seed=seed)),
-            patches=any(method_class(m).needs_patches for m in methods),
+            kinds=[method_class(m).image_kind for m in methods],
             label_spaces=[method_label_space(cfg, m) for m in methods],
         )
         for method in methods:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .backbone import BackboneSpec, FrozenCLIP
+from .backbone.prompted import PromptedImageTower
 from .config import RunConfig, validate
 from .console import PROGRESS
 from .data import load_dataset
@@ -30,7 +31,10 @@ from .prompts import PromptBank
 
 log = logging.getLogger(__name__)
 
-POOLED, PATCHES = "pooled", "patches"
+# The kinds of image feature (``Method.image_kind``): pooled (n, E), patch tokens (n, P, E),
+# and the stem, the tokens entering the image tower's first block (n, 1 + P, D_v).
+POOLED, PATCHES, STEM = "pooled", "patches", "stem"
+KINDS = (POOLED, PATCHES, STEM)
 
 
 @dataclass
@@ -151,11 +155,10 @@ class FeatureSets:
 class Experiment:
     """The frozen world of one run. ``client_data[i]`` exists for every client built.
 
-    ``base``, ``novel`` and ``client_data`` hold the features ``method`` reads: pooled image
-    features, or patch features for a method that ``needs_patches``, with the labels of the
-    method's label space. ``feature_sets`` holds every (kind, label space) that was built
-    (POOLED, PATCHES when asked for; the label spaces asked for), so that :meth:`with_method`
-    can hand the experiment to any of those methods.
+    ``base``, ``novel`` and ``client_data`` hold the features ``method`` reads (its
+    ``image_kind``), with the labels of the method's label space. ``feature_sets`` holds every
+    (kind, label space) that was built (POOLED and the kinds asked for; the label spaces asked
+    for), so that :meth:`with_method` can hand the experiment to any of those methods.
     """
 
     cfg: RunConfig
@@ -173,12 +176,12 @@ class Experiment:
         the kind of features that method reads, over its label space (or ``label_space``)."""
         cfg = validate(dataclasses.replace(self.cfg, method=name))
         method = create_method(cfg, self.backbone.logit_scale, embed_dim=self.backbone.embed_dim)
-        kind = PATCHES if method.needs_patches else POOLED
+        kind = method.image_kind
         space = method.label_space if label_space is None else label_space
         if not any(k == kind for k, _ in self.feature_sets):
             raise ConfigError(
-                f"method: {name} needs patch features, and this experiment was built "
-                f"without them (build_experiment(..., patches=True))"
+                f"method: {name} reads image features of kind {kind!r}, and this experiment "
+                f"was built without them (build_experiment(..., kinds=[{kind!r}]))"
             )
         if (kind, space) not in self.feature_sets:
             raise ConfigError(
@@ -204,23 +207,31 @@ def _relabel(labels: np.ndarray, positions: dict[int, int]) -> Tensor:
     return torch.tensor([positions[int(label)] for label in labels], dtype=torch.long)
 
 
+def image_encoder(backbone: FrozenCLIP, kind: str) -> tuple[Callable[[Tensor], Tensor], int]:
+    """The encoder of image feature ``kind`` (transformed images in, features out) and the
+    width of its features (of one token, for a token kind)."""
+    if kind == PATCHES:
+        return (lambda images: backbone.encode_images_with_patches(images)[1]), backbone.embed_dim
+    if kind == STEM:
+        tower = PromptedImageTower(backbone)
+        return tower.stem, tower.width
+    return backbone.encode_images, backbone.embed_dim
+
+
 class _Features:
-    """One kind of image feature (pooled (n, E), or patches (n, P, E) kept in float16) of the
+    """One kind of image feature (:data:`KINDS`; token kinds are kept in float16) of the
     images a run needs, through the feature cache."""
 
     def __init__(self, backbone: FrozenCLIP, cache: FeatureCache, kind: str) -> None:
         self.backbone, self.cache, self.kind = backbone, cache, kind
-        self.identity = feature_identity(backbone)
-        self.encoder: Callable[[Tensor], Tensor] = backbone.encode_images
-        if kind == PATCHES:
-            self.identity += "/patches"
-            self.encoder = lambda images: backbone.encode_images_with_patches(images)[1]
+        self.identity = feature_identity(backbone) + ("" if kind == POOLED else f"/{kind}")
+        self.encoder, self.width = image_encoder(backbone, kind)
 
     def _stored(self, features: Tensor, count: int) -> Tensor:
         device = self.backbone.device
         if self.kind == POOLED:
             return features.to(device)
-        return features.view(count, -1, self.backbone.embed_dim).to(device, torch.float16)
+        return features.view(count, -1, self.width).to(device, torch.float16)
 
     def encode(
         self,
@@ -232,12 +243,12 @@ class _Features:
     ) -> Tensor:
         """Features of ``images[i]`` for i in ``indices``, from the cache where it holds them;
         ``what`` names the images in the progress line."""
-        if not indices and self.kind == PATCHES:
-            return torch.empty(0, 0, self.backbone.embed_dim, device=self.backbone.device)
-        # The cache stores (n, E) rows: one image's patches flattened into a row.
+        if not indices and self.kind != POOLED:
+            return torch.empty(0, 0, self.width, device=self.backbone.device)
+        # The cache stores one row per image: a token kind's tokens flattened into it.
         encoder = self.encoder if self.kind == POOLED else lambda x: self.encoder(x).flatten(1)
-        if self.kind == PATCHES:
-            what += " (patches)"
+        if self.kind != POOLED:
+            what += f" ({self.kind})"
         flat = self.cache.features(
             encoder, self.identity, images, indices, transform, view, what=what
         )
@@ -269,8 +280,8 @@ class _Features:
             )
         # augment: online encodes every batch afresh in the step; nothing is stored.
         shape = (0, len(indices), backbone.embed_dim)
-        if self.kind == PATCHES:
-            shape = (0, len(indices), 0, backbone.embed_dim)
+        if self.kind != POOLED:
+            shape = (0, len(indices), 0, self.width)
         return torch.empty(shape, device=backbone.device)
 
 
@@ -290,20 +301,29 @@ def features_cached(
     backbone: FrozenCLIP,
     splits: DatasetSplits,
     manifest: PartitionManifest,
-    patches: bool,
+    kinds: Sequence[str],
 ) -> bool:
     """Whether the feature cache holds every image feature that building the experiment of
-    ``cfg`` (every client; with patch features when ``patches``) would encode, so that a dry
+    ``cfg`` (every client; pooled features and those of ``kinds``) would encode, so that a dry
     run can tell which runs still have images to encode; encodes nothing."""
     cache = FeatureCache(cfg.cache_dir)
     test_indices, train_indices = _image_indices(manifest, range(len(manifest.clients)))
-    for kind in (POOLED, PATCHES) if patches else (POOLED,):
+    for kind in _kinds(kinds):
         features = _Features(backbone, cache, kind)
         test = (splits.test.images, test_indices, backbone.test_transform(), None)
         train = [(splits.train.images, train_indices, *view) for view in features.train_views(cfg)]
         if not all(features.cached(*request) for request in [test, *train]):
             return False
     return True
+
+
+def _kinds(asked: Sequence[str]) -> list[str]:
+    """POOLED and the kinds ``asked``, each once, in :data:`KINDS` order; a ValueError for an
+    unknown kind."""
+    unknown = sorted(set(asked) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown image feature kinds {unknown}, expected some of {KINDS}")
+    return [kind for kind in KINDS if kind == POOLED or kind in asked]
 
 
 def _feature_sets(
@@ -388,13 +408,13 @@ def _banks(
 def build_experiment(
     cfg: RunConfig,
     clients: Sequence[int] | None = None,
-    patches: bool | None = None,
+    kinds: Sequence[str] = (),
     label_spaces: Sequence[str] = (),
 ) -> Experiment:
     """Load, partition and encode everything ``cfg`` needs; ``clients`` limits which clients'
-    data is built (all by default). ``patches`` adds patch features (by default when the
-    config's method needs them); ``label_spaces`` adds client data labelled over those label
-    spaces besides the method's own."""
+    data is built (all by default). Pooled features and those of the config's method are
+    built, and also the kinds of image feature ``kinds`` (:data:`KINDS`); ``label_spaces``
+    adds client data labelled over those label spaces besides the method's own."""
     torch.set_num_threads(cfg.threads)
     splits, manifest = load_data(cfg)
     log.info(
@@ -415,17 +435,14 @@ def build_experiment(
     spaces = sorted({method.label_space, *label_spaces})
     banks = _banks(cfg, backbone, splits, manifest, wanted, set(spaces))
     cache = FeatureCache(cfg.cache_dir)
-    kinds = [POOLED]
-    if method.needs_patches if patches is None else patches:
-        kinds.append(PATCHES)
     sets = {
         (kind, space): _feature_sets(
             cfg, _Features(backbone, cache, kind), splits, manifest, banks, wanted, space
         )
-        for kind in kinds
+        for kind in _kinds([method.image_kind, *kinds])
         for space in spaces
     }
-    active = sets[(PATCHES if method.needs_patches else POOLED, method.label_space)]
+    active = sets[(method.image_kind, method.label_space)]
     log.info(
         "experiment: %d clients, %d test images, backbone %s",
         len(wanted),

@@ -198,12 +198,12 @@ def dry_run(cells: Sequence[Cell]) -> str:
         key = (backbone_spec(cfg), cfg.device, cfg.precision)
         if key not in backbones:
             backbones[key] = load_backbone(cfg, resolve_device(cfg.device))
-        cached: dict[bool, bool] = {}
+        cached: dict[str, bool] = {}
         for cell in group:
-            patches = method_class(cell.cfg.method).needs_patches
-            if patches not in cached:
+            kind = method_class(cell.cfg.method).image_kind
+            if kind not in cached:
                 backbone = backbones[key]
-                cached[patches] = features_cached(cell.cfg, backbone, splits, manifest, patches)
+                cached[kind] = features_cached(cell.cfg, backbone, splits, manifest, [kind])
             rows.append(
                 [
                     cell.dataset.label,
@@ -211,7 +211,7 @@ def dry_run(cells: Sequence[Cell]) -> str:
                     cell.cfg.method,
                     cell.cfg.seed,
                     cell.state(),
-                    "cached" if cached[patches] else "to encode",
+                    "cached" if cached[kind] else "to encode",
                     cell.path,
                 ]
             )
@@ -239,7 +239,7 @@ def run_cells(cells: Sequence[Cell], overrides: Sequence[str]) -> None:
         started = time.perf_counter()
         base = build_experiment(
             pending[0].cfg,
-            patches=any(method_class(c.cfg.method).needs_patches for c in pending),
+            kinds=[method_class(c.cfg.method).image_kind for c in pending],
             label_spaces=[method_label_space(c.cfg) for c in pending],
         )
         setup_s = time.perf_counter() - started

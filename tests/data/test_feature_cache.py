@@ -19,6 +19,7 @@ from torch import Tensor
 
 from fedpgp import atomic
 from fedpgp.backbone import BackboneSpec, FrozenCLIP
+from fedpgp.backbone.prompted import PromptedImageTower
 from fedpgp.config import load_config
 from fedpgp.data import ArrayImages, FileImages
 from fedpgp.data.features import FeatureCache, default_cache_dir, encode_images
@@ -407,11 +408,39 @@ def test_features_cached_covers_every_view_and_patches(tiny_data: Path, tmp_path
     cfg = load_config(overrides=overrides)
     splits, manifest = load_data(cfg)
     backbone = load_backbone(cfg)
-    assert not features_cached(cfg, backbone, splits, manifest, patches=False)
+    assert not features_cached(cfg, backbone, splits, manifest, [])
     build_experiment(cfg)
-    assert features_cached(cfg, backbone, splits, manifest, patches=False)
-    assert not features_cached(cfg, backbone, splits, manifest, patches=True)
+    assert features_cached(cfg, backbone, splits, manifest, [])
+    assert not features_cached(cfg, backbone, splits, manifest, ["patches"])
     longer = load_config(overrides=[*overrides, "rounds=3"])
-    assert not features_cached(longer, backbone, splits, manifest, patches=False)
-    build_experiment(cfg, patches=True)
-    assert features_cached(cfg, backbone, splits, manifest, patches=True)
+    assert not features_cached(longer, backbone, splits, manifest, [])
+    build_experiment(cfg, kinds=["patches"])
+    assert features_cached(cfg, backbone, splits, manifest, ["patches"])
+
+
+def test_the_stem_is_cached_and_equals_the_recomputed_stem(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tokens entering the image tower's first block (the prompted towers' frozen part)
+    are a feature kind like the others: float16, equal to a fresh computation, reused."""
+    cfg = load_config(overrides=tiny_overrides(tiny_data, cache_dir=tmp_path))
+    splits, manifest = load_data(cfg)
+    experiment = build_experiment(cfg, kinds=["stem"])
+    tower = PromptedImageTower(experiment.backbone)
+    stem = experiment.feature_sets[("stem", "all")]
+    tokens = (experiment.backbone.image_size // 8) ** 2 + 1
+    assert stem.base.features.shape[1:] == (tokens, tower.width)
+    assert stem.base.features.dtype == torch.float16
+    assert stem.client_data[0].train_features.shape[2:] == (tokens, tower.width)
+    images = torch.stack(
+        [experiment.backbone.test_transform()(splits.test.images[i]) for i in manifest.base_test]
+    )
+    torch.testing.assert_close(stem.base.features.float(), tower.stem(images), atol=1e-2, rtol=1e-3)
+    assert features_cached(cfg, experiment.backbone, splits, manifest, ["stem"])
+
+    def no_encoding(self: PromptedImageTower, images: Tensor) -> None:
+        raise AssertionError("the stem was encoded again")
+
+    monkeypatch.setattr(PromptedImageTower, "stem", no_encoding)
+    again = build_experiment(cfg, kinds=["stem"]).feature_sets[("stem", "all")]
+    assert torch.equal(again.base.features, stem.base.features)

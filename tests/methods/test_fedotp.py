@@ -132,7 +132,7 @@ def test_with_method_switches_between_pooled_and_patch_features(
     back = pooled.with_method("fedotp")
     assert back.base.features.dim() == 3 and back.client_data[0].train_features.dim() == 4
     without = build_experiment(load_config(None, tiny_overrides(tiny_data)))
-    with pytest.raises(ConfigError, match="patch features"):
+    with pytest.raises(ConfigError, match="fedotp reads image features of kind 'patches'"):
         without.with_method("fedotp")
 
 
@@ -152,7 +152,7 @@ def test_tiny_eps_fails_the_run_naming_the_keys(tiny_data: Path, tmp_path: Path)
 
 def test_compare_runs_fedotp_beside_pooled_methods(tiny_data: Path, tmp_path: Path) -> None:
     # Its round costs 5x FedPGP's on the world: left out of the default list.
-    assert "fedotp" not in DEFAULT_METHODS and method_class("fedotp").needs_patches
+    assert "fedotp" not in DEFAULT_METHODS and method_class("fedotp").image_kind == "patches"
     cfg = load_config(None, tiny_overrides(tiny_data, rounds=1))
     rows = compare(cfg, ["zeroshot", "promptfl", "fedotp"], [0], tmp_path)
     assert [row["method"] for row in rows] == ["zeroshot", "promptfl", "fedotp"]

@@ -49,7 +49,9 @@ class Method:
     global_keys: ClassVar[tuple[str, ...]] = ()
     personal_keys: ClassVar[tuple[str, ...]] = ()
     trains: ClassVar[bool] = True
-    needs_patches: ClassVar[bool] = False
+    # The image features the method reads (fedpgp.experiment): "pooled" (N, E), "patches"
+    # (N, P, E) or "stem", the tokens entering the image tower's first block (N, 1 + P, D_v).
+    image_kind: ClassVar[str] = "pooled"
     # How the server combines uploads: "weighted" (by n_i) or "mean" (unweighted).
     aggregation: ClassVar[str] = "weighted"
     # Whether the server keeps every client's latest upload (for :meth:`server_sends`).
@@ -157,8 +159,8 @@ class Method:
     def image_logits(
         self, params: Mapping[str, Tensor], bank: PromptBank, features: Tensor
     ) -> Tensor:
-        """Logits (N, C) of a batch of the image features this method reads (N, E), or patch
-        features (N, P, E) for a method that ``needs_patches``."""
+        """Logits (N, C) of a batch of the image features this method reads (its
+        ``image_kind``)."""
         return self.logits(features, self.class_features(params, bank))
 
     def predict(self, params: Mapping[str, Tensor], bank: PromptBank, features: Tensor) -> Tensor:

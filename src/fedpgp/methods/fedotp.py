@@ -8,7 +8,7 @@ from :func:`fedpgp.ot.transport_plan` without gradient, and
     logit(x, c) = exp(logit_scale) * sum_{m,n} T[m, n] * sim[m, n]
 
 with cross-entropy as the loss and the same logits for prediction. The image features this
-method receives are patch features (n, P, E) (see ``needs_patches``).
+method receives are patch features (n, P, E) (``image_kind``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class FedOTP(Method):
     global_keys = ("ctx_global",)
     personal_keys = ("ctx_local",)
     global_context = "ctx_global"
-    needs_patches = True
+    image_kind = "patches"
     can_batch = True
     encodes_batched = True
 
