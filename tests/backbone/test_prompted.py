@@ -68,6 +68,9 @@ def test_prompts_equal_the_loop_over_the_blocks(backbone: FrozenCLIP, deep_count
     assert torch.allclose(ours, reference, atol=1e-5)
     # The prompts change the features (so the check above is not of the plain tower).
     assert (ours - backbone.encode_images(images)).abs().max() > 1e-3
+    # A stem stored in float16 (as the feature cache keeps it) runs in float32 all the same.
+    stored = tower.encode(tower.stem(images).half(), prompts, deep)
+    assert stored.dtype == torch.float32 and torch.allclose(stored, ours, atol=1e-2)
 
 
 def test_a_prompt_per_image_equals_each_image_alone(backbone: FrozenCLIP) -> None:

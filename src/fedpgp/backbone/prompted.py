@@ -85,7 +85,8 @@ class PromptedImageTower:
         prompts: Tensor | None = None,
         deep: Sequence[Tensor] = (),
     ) -> Tensor:
-        """L2-normalised image features (N, E) of stems (N, 1 + P, D_v).
+        """L2-normalised image features (N, E) of stems (N, 1 + P, D_v), float32 or the
+        float16 of the feature cache.
 
         ``prompts`` (M, D_v), or (N, M, D_v) for a prompt per image, are appended before block
         0; ``deep[i - 1]`` (same shapes) replaces them before block i. Gradients reach every
@@ -102,7 +103,8 @@ class PromptedImageTower:
         if any(tokens.shape[-2] != length for tokens in deep):
             raise ValueError(f"every deep prompt must have the {length} tokens it replaces")
         count = stem.shape[0]
-        x = stem.to(self.backbone.device)
+        # A cached stem is float16; the blocks run in float32 (or under the backbone's autocast).
+        x = stem.to(self.backbone.device, torch.float32)
         with self.backbone.autocast():
             if prompts is not None:
                 appended = self._rows(self.visual.ln_pre(prompts), count).to(x.dtype)
