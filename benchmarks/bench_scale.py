@@ -44,6 +44,7 @@ from benchlib import (
     AuthorsPrompts,
     authors_local_training,
     register_synthetic,
+    relative_error,
     report,
     set_threads,
 )
@@ -157,10 +158,6 @@ class Fallbacks(logging.Handler):
         self.records.append(record)
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / a.norm().clamp(min=1e-12))
-
-
 def transport(experiment: Experiment, path: str) -> InProcess:
     """Every client of ``experiment``, from its start, training by ``path``."""
     cfg = dataclasses.replace(experiment.cfg, batch_clients=PATHS[path])
@@ -243,10 +240,10 @@ def worker(num_clients: int, frac: float, rounds: int) -> dict:
         if fallbacks.records:
             raise SystemExit(f"the batched path fell back: {fallbacks.records[0].getMessage()}")
         for a, b in zip(replies["sequential"], replies["batched"], strict=True):
-            errors += [relative_error(a.tensors[k], b.tensors[k]) for k in a.tensors]
+            errors += [relative_error(b.tensors[k], a.tensors[k]) for k in a.tensors]
         for cid in sampled:
             kept = paths["batched"].clients[cid].personal
-            errors += [relative_error(v, kept[k]) for k, v in clients[cid].personal.items()]
+            errors += [relative_error(kept[k], v) for k, v in clients[cid].personal.items()]
         server.aggregate(replies["sequential"])
     if max(errors) > TOLERANCE:
         raise SystemExit(f"the two paths disagree: relative error {max(errors):.2e}")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .frozen import FrozenCLIP, check_deep
+from .frozen import FrozenCLIP
 
 _BLOCK_PARTS = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
 
@@ -116,11 +116,11 @@ class SharedPrefixEncoder:
         """Features (P, C, E) of every prefix (P, prefix_length, D) with every class suffix.
         ``deep[i - 1]`` (M, D), or (P, M, D) for one per prefix, replaces the hidden states of
         prefix positions 1 .. M before block i: deep prompts, which stay prefix rows, so the
-        prefix is still shared by every class."""
+        prefix is still shared by every class. The caller checks ``deep``
+        (:func:`~fedpgp.backbone.frozen.check_deep`, as PromptBank.encode does)."""
         count, length, width = prefixes.shape
         if length != self.prefix_length:
             raise ValueError(f"expected prefixes of {self.prefix_length} tokens, got {length}")
-        check_deep(deep, len(self.blocks), length - 1)
         text = self.backbone.text
         with self.backbone.autocast():
             pieces = [(prefixes + text.positional_embedding[:length]).reshape(-1, width)]

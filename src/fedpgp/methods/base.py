@@ -148,9 +148,9 @@ class Method:
 
     def batched_class_features(self, params: Mapping[str, Tensor], bank: PromptBank) -> Tensor:
         """What :meth:`class_features` gives each of K clients, from their tensors stacked
-        (K, ...), in one encoder call: (K, C, E) by default, from the
-        :meth:`prediction_context` of the stacked tensors."""
-        return bank.encode(self.prediction_context(params))
+        (K, ...), in one encoder call: (K, C, E). By default :meth:`class_features` itself, for
+        a method whose class features take stacked tensors."""
+        return self.class_features(params, bank)
 
     def logits(self, features: Tensor, text_features: Tensor) -> Tensor:
         """exp(logit_scale) * cos(image, class) for a batch of image features."""

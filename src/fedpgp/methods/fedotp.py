@@ -64,13 +64,17 @@ class FedOTP(Method):
 
     def _transport_logits(self, patches: Tensor, text_features: Tensor) -> Tensor:
         # Patch features may be stored in half precision; the similarities are computed in the
-        # text features' precision, laid out as the solver wants them (prompts, patches,
-        # problems).
-        images, classes = patches.shape[0], text_features.shape[1]
+        # text features' precision.
         sim = torch.einsum("bpe,nce->npbc", patches.to(text_features.dtype), text_features)
-        sim = sim.reshape(*sim.shape[:2], images * classes)
-        plan = transport_plan_columns(sim, self.cfg.fedotp)
-        return self.logit_scale * (plan * sim).sum(dim=(0, 1)).view(images, classes)
+        return self._ot_logits(sim)
+
+    def _ot_logits(self, sim: Tensor) -> Tensor:
+        """OT logits (...) of similarities laid out as the solver wants them (prompts, patches,
+        ...): every trailing position is one (image, class) problem."""
+        problems = sim.shape[2:]
+        flat = sim.reshape(*sim.shape[:2], -1)
+        plan = transport_plan_columns(flat, self.cfg.fedotp)
+        return self.logit_scale * (plan * flat).sum(dim=(0, 1)).view(problems)
 
     def batched_losses(
         self,
@@ -84,9 +88,5 @@ class FedOTP(Method):
         """:meth:`loss` of K clients: their 2K contexts in one encoder call, and every client's
         (image, class) transport problems in one solve."""
         text = self.batched_class_features(params, bank)
-        count, width, classes = features.shape[0], features.shape[1], text.shape[2]
         sim = torch.einsum("kbpe,knce->npkbc", features.to(text.dtype), text)
-        sim = sim.reshape(*sim.shape[:2], count * width * classes)
-        plan = transport_plan_columns(sim, self.cfg.fedotp)
-        logits = self.logit_scale * (plan * sim).sum(dim=(0, 1)).view(count, width, classes)
-        return masked_cross_entropy(logits, labels, mask)
+        return masked_cross_entropy(self._ot_logits(sim), labels, mask)

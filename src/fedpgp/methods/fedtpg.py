@@ -129,9 +129,6 @@ class FedTPG(Method):
         }
 
     def class_features(self, params: Mapping[str, Tensor], bank: PromptBank) -> Tensor:
-        """Enc(ctx, c) with the context generated from this bank's own class names."""
+        """Enc(ctx, c) with the context generated from this bank's own class names; K clients'
+        stacked tensors give their (K, C, E) in one encoder call."""
         return bank.encode(generate_context(params, bank.name_features(), self.cfg.fedtpg.heads))
-
-    def batched_class_features(self, params: Mapping[str, Tensor], bank: PromptBank) -> Tensor:
-        """The K clients' generated contexts (K, M, D), encoded in one call."""
-        return self.class_features(params, bank)
