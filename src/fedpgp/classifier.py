@@ -30,7 +30,7 @@ from .atomic import write_bytes_atomic
 from .config import RunConfig, config_from_dict
 from .errors import BackboneError, CheckpointError, ConfigError
 from .experiment import POOLED, image_encoder, load_backbone, resolve_device
-from .methods.base import Method, Tensors, create_method
+from .methods.base import Method, Tensors, method_for
 from .prompts import PromptBank
 from .trained import TrainedRun
 
@@ -99,13 +99,11 @@ class Classifier:
                 f"{prompt.source}: trained on backbone {prompt.backbone_identity}, but the "
                 f"config's backbone loads as {found} (other weights)"
             )
-        self.method: Method = create_method(
-            cfg, self.backbone.logit_scale, name=prompt.method, embed_dim=self.backbone.embed_dim
-        )
+        self.method: Method = method_for(cfg, self.backbone, prompt.method)
         device = self.backbone.device
         self.params = {k: v.to(device) for k, v in prompt.tensors.items()}
         self.classes = check_classes(classes)
-        self.bank = PromptBank(self.backbone, self.classes, cfg.n_ctx)
+        self.bank = PromptBank(self.backbone, self.classes, *self.method.template)
         self._transform = self.backbone.test_transform()
 
     def with_classes(self, classes: Sequence[str]) -> Classifier:
@@ -160,7 +158,7 @@ def run_prompt(run: TrainedRun, client: int | None, backbone: FrozenCLIP) -> Pro
     """Client ``client``'s personalized prompt of ``run``, or its global prompt for None
     (ConfigError where the method has no such prompt), on the run's ``backbone``."""
     cfg = run.cfg
-    method = create_method(cfg, backbone.logit_scale, embed_dim=backbone.embed_dim)
+    method = method_for(cfg, backbone)
     run.bind(method, backbone.text_width)
     if client is None:
         name, tensors = run.global_predictor(method)

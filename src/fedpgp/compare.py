@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_bytes_atomic, write_text_atomic
-from .config import RunConfig, method_label_space, validate
+from .config import RunConfig, validate
 from .console import PROGRESS
 from .errors import ConfigError
 from .experiment import build_experiment
 from .federation.inprocess import run_inprocess
-from .methods.registry import COMPARED, METHOD_NAMES, method_class
+from .methods.registry import COMPARED, METHOD_NAMES
 from .report import (
     SUMMARY_KEYS,
     build_results,
@@ -180,8 +180,7 @@ def compare(
     for seed in seeds:
         base = build_experiment(
             validate(dataclasses.replace(cfg, seed=seed)),
-            kinds=[method_class(m).image_kind for m in methods],
-            label_spaces=[method_label_space(cfg, m) for m in methods],
+            methods=methods,
         )
         for method in methods:
             started_runs += 1

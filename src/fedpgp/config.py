@@ -84,7 +84,10 @@ class _RunSettings:
     # Largest L2 norm of one step's gradient over the trained tensors; null: no clipping.
     grad_clip: float | None = 1.0
     seed: int = 0
-    eval_every: int = 1
+    # Rounds between evaluations (the final round is always evaluated); null: the method's own
+    # default (every round, or the final round only where evaluating costs a test-set encoding
+    # per client: docs/method.md).
+    eval_every: int | None = None
     augment: str = "none"
     views: int = 0
     optimizer_state: str = "fresh"
@@ -330,6 +333,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.method == "pfedmoap" and experts is not None and experts > cfg.num_clients:
         raise ConfigError(
             f"pfedmoap.num_experts: expected at most num_clients ({cfg.num_clients}), got {experts}"
+        )
+    groups = cfg.fedmgp
+    if cfg.method == "fedmgp" and groups.selected > groups.groups:
+        raise ConfigError(
+            f"fedmgp.selected: expected at most fedmgp.groups ({groups.groups}), got "
+            f"{groups.selected}"
         )
     if cfg.batch_clients == "on":
         _check_batchable(cfg)

@@ -7,11 +7,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .experiment import ClientData, EvalSet, Experiment
+from .experiment import ClientData, EvalSet, Experiment, stem_block
 from .methods.base import Method
 from .prompts import PromptBank
 
 METRICS = ("local", "base", "novel")
+# Test images run through a prompted image tower in one call: bounds its activations.
+ENCODE_CHUNK = 256
 
 
 def harmonic_mean(values: Sequence[float | None]) -> float | None:
@@ -50,12 +52,14 @@ def evaluate_client(
     novel: EvalSet | None,
     memo: dict[tuple, float] | None = None,
     class_features: Mapping[int, Tensor] | None = None,
+    images: Tensor | None = None,
 ) -> dict[str, float | None]:
     """Local, Base and Novel accuracy of one client's prediction context. ``memo`` holds the
     accuracies already measured with the very same tensors on the very same sets: clients that
     predict with the GLOBAL tensors alone then measure Base and Novel once between them.
     ``class_features`` (by ``id`` of a bank) holds this client's class features already
-    encoded (:func:`batched_class_features`)."""
+    encoded (:func:`batched_class_features`); ``images`` the method's encoding of the sets'
+    shared test features with this client's tensors (:func:`encoded_images`), read by row."""
     sets = {"local": local, "base": base, "novel": novel}
     present = {name: s for name, s in sets.items() if s is not None and len(s) > 0}
     results: dict[str, float | None] = dict.fromkeys(sets)
@@ -75,12 +79,19 @@ def evaluate_client(
     for name, s in todo.items():
         by_bank.setdefault(id(s.bank), []).append(name)
     for bank_id, names in by_bank.items():
-        features = torch.cat([todo[n].features for n in names])
+        bank = todo[names[0]].bank
         with torch.no_grad():
-            if class_features is not None and bank_id in class_features:
-                predicted = method.logits(features, class_features[bank_id]).argmax(dim=-1)
+            if images is None:
+                features = torch.cat([todo[n].features for n in names])
             else:
-                predicted = method.predict(params, todo[names[0]].bank, features)
+                features = torch.cat([images[todo[n].rows] for n in names])
+            text = None if class_features is None else class_features.get(bank_id)
+            if text is None and images is not None:
+                text = method.class_features(params, bank)
+            if text is None:
+                predicted = method.predict(params, bank, features)
+            else:
+                predicted = method.logits(features, text).argmax(dim=-1)
         sizes = [len(todo[n]) for n in names]
         for name, chunk in zip(names, predicted.split(sizes), strict=True):
             accuracy = float((chunk == todo[name].labels).float().mean()) * 100.0
@@ -122,15 +133,50 @@ def batched_class_features(
     return out
 
 
+def encoded_images(
+    experiment: Experiment, params: Mapping[int, Mapping[str, Tensor]]
+) -> dict[tuple, Tensor]:
+    """For a method that runs its stems through the image tower with its own tensors: each
+    distinct set of clients' tensors (:func:`tensors_key`) -> the encoding of the experiment's
+    shared test features (``EvalSet.source``), computed for the rows its clients' sets read
+    and once for all of them. Clients that predict with the GLOBAL tensors alone share one
+    encoding of the test images per evaluation; other clients each have their own. Empty for
+    any other method."""
+    method = experiment.method
+    if stem_block(method.image_kind) is None:
+        return {}
+    source = experiment.base.source
+    needed: dict[tuple, list[Tensor]] = {}
+    distinct: dict[tuple, Mapping[str, Tensor]] = {}
+    for cid, tensors in params.items():
+        key = tensors_key(tensors)
+        distinct.setdefault(key, tensors)
+        sets = [experiment.client_data[cid].local, experiment.base, experiment.novel]
+        needed.setdefault(key, []).extend(s.rows for s in sets if s is not None)
+    encoded = {}
+    for key, tensors in distinct.items():
+        rows = torch.unique(torch.cat(needed[key]))
+        with torch.no_grad():
+            parts = [
+                method.encode_images(tensors, source[chunk]) for chunk in rows.split(ENCODE_CHUNK)
+            ]
+        images = parts[0].new_zeros(source.shape[0], *parts[0].shape[1:])
+        images[rows] = torch.cat(parts)
+        encoded[key] = images
+    return encoded
+
+
 def evaluate_clients(
     experiment: Experiment, params: Mapping[int, Mapping[str, Tensor]]
 ) -> list[dict]:
     """Per-client rows {id, n_train, local, base, novel} of the clients in ``params`` (client id
     -> the tensors it predicts with), each with its own prediction context, by client id. A
-    method that can batch encodes each class set once for all the clients."""
+    method that can batch encodes each class set once for all the clients; a method with
+    prompts in the image tower encodes the test images once per distinct set of tensors."""
     data: Mapping[int, ClientData] = experiment.client_data
     memo: dict[tuple, float] = {}
     encoded = batched_class_features(experiment, params)
+    images = encoded_images(experiment, params)
     return [
         {
             "id": cid,
@@ -143,6 +189,7 @@ def evaluate_clients(
                 experiment.novel,
                 memo,
                 encoded.get(cid),
+                images.get(tensors_key(params[cid])),
             ),
         }
         for cid in sorted(params)

@@ -26,24 +26,46 @@ from .data.datasets import DatasetSplits, ImageSource
 from .data.features import FeatureCache, OnlineViews
 from .data.partition import PartitionManifest, load_or_make_partition
 from .errors import ConfigError
-from .methods.base import Method, create_method
-from .prompts import PromptBank
+from .methods.base import Method, method_for
+from .prompts import PromptBank, PromptTemplate
 
 log = logging.getLogger(__name__)
 
 # The kinds of image feature (``Method.image_kind``): pooled (n, E), patch tokens (n, P, E),
-# and the stem, the tokens entering the image tower's first block (n, 1 + P, D_v).
+# and the stem, the tokens entering the image tower's first block (n, 1 + P, D_v); "stem@k"
+# is the tokens entering block k.
 POOLED, PATCHES, STEM = "pooled", "patches", "stem"
 KINDS = (POOLED, PATCHES, STEM)
 
 
+def stem_block(kind: str) -> int | None:
+    """The block a stem kind enters ("stem": 0, "stem@k": k), None for another kind; a
+    ValueError for a kind that is none of :data:`KINDS` nor "stem@k" with k >= 1."""
+    if kind == STEM:
+        return 0
+    if kind.startswith(STEM + "@"):
+        block = kind[len(STEM) + 1 :]
+        if block.isdigit() and str(int(block)) == block and int(block) >= 1:
+            return int(block)
+    if kind in KINDS:
+        return None
+    raise ValueError(f"unknown image feature kind {kind!r}, expected one of {KINDS} or 'stem@k'")
+
+
 @dataclass
 class EvalSet:
-    """Frozen features of a test set and its labels as indices into ``bank``."""
+    """A test set: its rows of the run's test features ``source`` (every test image the run
+    needs, encoded once and shared by every set) and its labels as indices into ``bank``."""
 
-    features: Tensor
+    source: Tensor
+    rows: Tensor
     labels: Tensor
     bank: PromptBank
+
+    @property
+    def features(self) -> Tensor:
+        """This set's frozen image features."""
+        return self.source[self.rows]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -173,22 +195,23 @@ class Experiment:
 
     def with_method(self, name: str, label_space: str | None = None) -> Experiment:
         """The same frozen experiment driven by method ``name`` (the config re-validated), with
-        the kind of features that method reads, over its label space (or ``label_space``)."""
+        the kind of features that method reads, over its label space (or ``label_space``), and
+        prompt banks of its template."""
         cfg = validate(dataclasses.replace(self.cfg, method=name))
-        method = create_method(cfg, self.backbone.logit_scale, embed_dim=self.backbone.embed_dim)
+        method = method_for(cfg, self.backbone)
         kind = method.image_kind
         space = method.label_space if label_space is None else label_space
         if not any(k == kind for k, _ in self.feature_sets):
             raise ConfigError(
                 f"method: {name} reads image features of kind {kind!r}, and this experiment "
-                f"was built without them (build_experiment(..., kinds=[{kind!r}]))"
+                f"was built without them (build_experiment(..., methods=[{name!r}]))"
             )
         if (kind, space) not in self.feature_sets:
             raise ConfigError(
                 f"method: {name} trains with label_space {space}, and this experiment was "
                 f"built without it (build_experiment(..., label_spaces=[{space!r}]))"
             )
-        sets = self.feature_sets[(kind, space)]
+        sets = _with_template(self.feature_sets[(kind, space)], method.template, self.backbone)
         return dataclasses.replace(
             self,
             cfg=cfg,
@@ -197,6 +220,29 @@ class Experiment:
             novel=sets.novel,
             client_data=sets.client_data,
         )
+
+
+def _with_template(
+    sets: FeatureSets, template: PromptTemplate, backbone: FrozenCLIP
+) -> FeatureSets:
+    """``sets`` with every prompt bank rebuilt with ``template`` (the same class lists; banks
+    shared between sets stay shared), or ``sets`` itself when its banks have that template."""
+    banks: dict[int, PromptBank] = {}
+
+    def rebuilt(test_set: EvalSet) -> EvalSet:
+        bank = test_set.bank
+        if bank.template == template:
+            return test_set
+        if id(bank) not in banks:
+            banks[id(bank)] = PromptBank(backbone, bank.classnames, *template)
+        return dataclasses.replace(test_set, bank=banks[id(bank)])
+
+    novel = None if sets.novel is None else rebuilt(sets.novel)
+    clients = {
+        cid: dataclasses.replace(data, local=rebuilt(data.local))
+        for cid, data in sets.client_data.items()
+    }
+    return FeatureSets(rebuilt(sets.base), novel, clients)
 
 
 def _positions(classes: Sequence[int]) -> dict[int, int]:
@@ -212,9 +258,10 @@ def image_encoder(backbone: FrozenCLIP, kind: str) -> tuple[Callable[[Tensor], T
     width of its features (of one token, for a token kind)."""
     if kind == PATCHES:
         return (lambda images: backbone.encode_images_with_patches(images)[1]), backbone.embed_dim
-    if kind == STEM:
+    block = stem_block(kind)
+    if block is not None:
         tower = PromptedImageTower(backbone)
-        return tower.stem, tower.width
+        return (lambda images: tower.stem(images, block)), tower.width
     return backbone.encode_images, backbone.embed_dim
 
 
@@ -318,12 +365,10 @@ def features_cached(
 
 
 def _kinds(asked: Sequence[str]) -> list[str]:
-    """POOLED and the kinds ``asked``, each once, in :data:`KINDS` order; a ValueError for an
-    unknown kind."""
-    unknown = sorted(set(asked) - set(KINDS))
-    if unknown:
-        raise ValueError(f"unknown image feature kinds {unknown}, expected some of {KINDS}")
-    return [kind for kind in KINDS if kind == POOLED or kind in asked]
+    """POOLED and the kinds ``asked``, each once, in :data:`KINDS` order, then the later stems
+    by block; a ValueError for an unknown kind."""
+    later = sorted({kind for kind in asked if stem_block(kind)}, key=stem_block)
+    return [kind for kind in KINDS if kind == POOLED or kind in asked] + later
 
 
 def _feature_sets(
@@ -349,7 +394,7 @@ def _feature_sets(
     def test_set(indices: Sequence[int], bank: PromptBank, positions: dict[int, int]) -> EvalSet:
         rows = torch.tensor([test_row[i] for i in indices], dtype=torch.long, device=device)
         labels = _relabel(splits.test.labels[list(indices)], positions)
-        return EvalSet(test_features[rows], labels.to(device), bank)
+        return EvalSet(test_features, rows, labels.to(device), bank)
 
     base = test_set(manifest.base_test, banks["base"], base_pos)
     novel = None
@@ -382,19 +427,19 @@ def _feature_sets(
 
 
 def _banks(
-    cfg: RunConfig,
+    template: PromptTemplate,
     backbone: FrozenCLIP,
     splits: DatasetSplits,
     manifest: PartitionManifest,
     wanted: Sequence[int],
     label_spaces: set[str],
 ) -> dict[str, PromptBank]:
-    """One prompt bank per class list the run classifies over: the base classes, the novel
-    ones, and for label space ``client`` each client's own."""
+    """One prompt bank per class list the run classifies over, built with ``template``: the
+    base classes, the novel ones, and for label space ``client`` each client's own."""
     names = splits.classnames
 
     def bank(classes: Sequence[int]) -> PromptBank:
-        return PromptBank(backbone, [names[c] for c in classes], cfg.n_ctx)
+        return PromptBank(backbone, [names[c] for c in classes], *template)
 
     banks = {"base": bank(manifest.base_classes)}
     if manifest.novel_classes:
@@ -410,11 +455,14 @@ def build_experiment(
     clients: Sequence[int] | None = None,
     kinds: Sequence[str] = (),
     label_spaces: Sequence[str] = (),
+    methods: Sequence[str] = (),
 ) -> Experiment:
     """Load, partition and encode everything ``cfg`` needs; ``clients`` limits which clients'
     data is built (all by default). Pooled features and those of the config's method are
-    built, and also the kinds of image feature ``kinds`` (:data:`KINDS`); ``label_spaces``
-    adds client data labelled over those label spaces besides the method's own."""
+    built, and also the kinds of image feature ``kinds`` (:data:`KINDS`, "stem@k");
+    ``label_spaces`` adds client data labelled over those label spaces besides the method's
+    own; ``methods`` adds the kind and label space of each of these methods (the config's
+    settings), so that :meth:`Experiment.with_method` can hand the experiment to them."""
     torch.set_num_threads(cfg.threads)
     splits, manifest = load_data(cfg)
     log.info(
@@ -430,16 +478,18 @@ def build_experiment(
     device = resolve_device(cfg.device)
     log.info("loading backbone %s on %s", describe_backbone(cfg), device, extra=PROGRESS)
     backbone = load_backbone(cfg, device)
-    method = create_method(cfg, backbone.logit_scale, embed_dim=backbone.embed_dim)
+    method = method_for(cfg, backbone)
+    others = [method_for(validate(dataclasses.replace(cfg, method=m)), backbone) for m in methods]
     wanted = list(range(len(manifest.clients))) if clients is None else list(clients)
-    spaces = sorted({method.label_space, *label_spaces})
-    banks = _banks(cfg, backbone, splits, manifest, wanted, set(spaces))
+    spaces = sorted({method.label_space, *label_spaces, *(m.label_space for m in others)})
+    banks = _banks(method.template, backbone, splits, manifest, wanted, set(spaces))
     cache = FeatureCache(cfg.cache_dir)
+    asked = [method.image_kind, *kinds, *(m.image_kind for m in others)]
     sets = {
         (kind, space): _feature_sets(
             cfg, _Features(backbone, cache, kind), splits, manifest, banks, wanted, space
         )
-        for kind in _kinds([method.image_kind, *kinds])
+        for kind in _kinds(asked)
         for space in spaces
     }
     active = sets[(method.image_kind, method.label_space)]

@@ -8,17 +8,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .backbone import FrozenCLIP
-from .backbone.frozen import check_deep
+from .backbone.frozen import Adapters, check_adapters, check_deep
 from .backbone.text import SharedPrefixEncoder, shared_prefix_supported
 from .data.datasets import normalize_classname
 from .errors import ConfigError
 
 HAND_CRAFTED = "a photo of a {}."
+
+
+class PromptTemplate(NamedTuple):
+    """How a method's prompts are built: ``n_ctx`` learned context tokens after [SOS], then
+    ``suffix`` with the class name in its ``{}``; ``key`` is the config key that sets n_ctx,
+    named when a prompt does not fit the text tower."""
+
+    n_ctx: int
+    suffix: str = "{}."
+    key: str = "n_ctx"
 
 
 def normal_init(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
@@ -63,7 +74,12 @@ class PromptBank:
     """
 
     def __init__(
-        self, backbone: FrozenCLIP, classnames: list[str], n_ctx: int, suffix: str = "{}."
+        self,
+        backbone: FrozenCLIP,
+        classnames: list[str],
+        n_ctx: int,
+        suffix: str = "{}.",
+        key: str = "n_ctx",
     ) -> None:
         if suffix.count("{}") != 1:
             raise ConfigError(f"prompt suffix {suffix!r}: expected one {{}} for the class name")
@@ -71,12 +87,13 @@ class PromptBank:
         # Normalised as the loaders do, so "ice_cream" and "ice cream" give the same prompt.
         self.classnames = [normalize_classname(name) for name in classnames]
         self.n_ctx = n_ctx
+        self.template = PromptTemplate(n_ctx, suffix, key)
         ids, eot = backbone.tokenize([suffix.format(name) for name in self.classnames])
         needed = int(eot.max()) + 1 + n_ctx
         if needed > backbone.context_length:
             longest = self.classnames[int(eot.argmax())]
             raise ConfigError(
-                f"n_ctx: {n_ctx} context tokens plus the prompt {suffix.format(longest)!r} need "
+                f"{key}: {n_ctx} context tokens plus the prompt {suffix.format(longest)!r} need "
                 f"{needed} positions, the model '{backbone.name}' has {backbone.context_length}"
             )
         length = int(eot.max()) + 1
@@ -103,27 +120,33 @@ class PromptBank:
         suffix = self.suffix.unsqueeze(0).expand(count, *self.suffix.shape)
         return torch.cat([prefix, ctx, suffix], dim=2).flatten(0, 1)
 
-    def encode(self, contexts: Tensor, deep: Sequence[Tensor] = ()) -> Tensor:
+    def encode(
+        self, contexts: Tensor, deep: Sequence[Tensor] = (), adapters: Adapters | None = None
+    ) -> Tensor:
         """Normalised text features of each context with every class: (P, M, D) -> (P, C, E).
         A single context (M, D) gives (C, E). ``deep[i - 1]`` (M_i, D) shared by the contexts,
         or (P, M_i, D) one per context, replaces the hidden states of the first M_i context
-        positions before text block i (deep prompts)."""
+        positions before text block i (deep prompts); ``adapters`` (block index -> adapter)
+        add their term to their block's output."""
         single = contexts.dim() == 2
         batch = (contexts.unsqueeze(0) if single else contexts).to(self.prefix.device)
         count = batch.shape[0]
+        blocks = len(self.backbone.text.transformer.resblocks)
         if deep:
-            check_deep(deep, len(self.backbone.text.transformer.resblocks), self.n_ctx)
+            check_deep(deep, blocks, self.n_ctx)
+        if adapters:
+            check_adapters(adapters, blocks)
         if single:
             deep = [tokens.unsqueeze(0) if tokens.dim() == 2 else tokens for tokens in deep]
         if self._shared is not None:
             sos = self.prefix[0].expand(count, -1, -1)
-            features = self._shared.encode(torch.cat([sos, batch], dim=1), deep)
+            features = self._shared.encode(torch.cat([sos, batch], dim=1), deep, adapters)
         else:
             classes = len(self.classnames)
             # One row per (context, class): a per-context deep prompt repeats for each class.
             rows = [t.repeat_interleave(classes, dim=0) if t.dim() == 3 else t for t in deep]
             features = self.backbone.encode_prompts(
-                self.assemble(batch), self.eot.repeat(count), rows
+                self.assemble(batch), self.eot.repeat(count), rows, adapters
             ).view(count, classes, -1)
         return features[0] if single else features
 

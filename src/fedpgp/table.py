@@ -31,7 +31,6 @@ from .config import (
     RunConfig,
     describe_changes,
     load_config,
-    method_label_space,
     read_yaml,
     run_changes,
     saved_config,
@@ -46,7 +45,7 @@ from .experiment import (
     load_data,
     resolve_device,
 )
-from .methods.registry import method_class
+from .methods.base import method_for
 from .report import RESULTS, SUMMARY_KEYS, dict_rows_csv, format_table
 from .rundir import CONFIG, RunDir
 from .runner import execute_experiment, resume_experiment
@@ -200,9 +199,9 @@ def dry_run(cells: Sequence[Cell]) -> str:
             backbones[key] = load_backbone(cfg, resolve_device(cfg.device))
         cached: dict[str, bool] = {}
         for cell in group:
-            kind = method_class(cell.cfg.method).image_kind
+            backbone = backbones[key]
+            kind = method_for(cell.cfg, backbone).image_kind
             if kind not in cached:
-                backbone = backbones[key]
                 cached[kind] = features_cached(cell.cfg, backbone, splits, manifest, [kind])
             rows.append(
                 [
@@ -239,8 +238,7 @@ def run_cells(cells: Sequence[Cell], overrides: Sequence[str]) -> None:
         started = time.perf_counter()
         base = build_experiment(
             pending[0].cfg,
-            kinds=[method_class(c.cfg.method).image_kind for c in pending],
-            label_spaces=[method_label_space(c.cfg) for c in pending],
+            methods=[c.cfg.method for c in pending],
         )
         setup_s = time.perf_counter() - started
         for cell in pending:

@@ -137,9 +137,10 @@ class TrainedRun:
             )
 
     def client_params(self, method: Method, client: int) -> Tensors:
-        """The tensors client ``client`` predicts with: the GLOBAL ones and its PERSONAL ones."""
+        """The tensors client ``client`` predicts with: the GLOBAL ones and its PERSONAL ones,
+        as the method merges them."""
         personal = {} if self.personal is None else self.personal[client]
-        return {**{k: self.global_tensors[k] for k in method.global_keys}, **personal}
+        return method.merge({**{k: self.global_tensors[k] for k in method.global_keys}, **personal})
 
     def global_predictor(self, method: Method) -> tuple[str, Tensors]:
         """(method name, tensors) of the run's global prompt; ConfigError for a method without

@@ -96,6 +96,48 @@ def test_gradients_reach_every_prompt_and_not_the_tower() -> None:
     assert all(p.grad is None for p in backbone.parameters())
 
 
+def _adapter(width: int, seed: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (
+        0.3 * torch.randn(4, width, generator=generator),
+        0.3 * torch.randn(width, 4, generator=generator),
+    )
+
+
+def _adapters(weights: dict[int, tuple[Tensor, Tensor]]) -> dict:
+    """Adapters relu(ln_1(x) A^T) B^T per block, in the towers' protocol."""
+    return {
+        index: (lambda x, block, a=a, b=b: F.relu(block.ln_1(x) @ a.t()) @ b.t())
+        for index, (a, b) in weights.items()
+    }
+
+
+def test_adapters_and_later_stems_equal_the_loop_over_the_blocks(backbone: FrozenCLIP) -> None:
+    tower = PromptedImageTower(backbone)
+    images = _images(backbone, 3, seed=8)
+    first = tower.depth // 2
+    weights = {i: _adapter(tower.width, 40 + i) for i in range(first, tower.depth)}
+    visual = backbone.model.visual
+    x = visual._embeds(images)
+    for index, block in enumerate(visual.transformer.resblocks):
+        out = block(x)
+        if index in weights:
+            a, b = weights[index]
+            out = out + F.relu(visual.transformer.resblocks[index].ln_1(x) @ a.t()) @ b.t()
+        x = out
+    reference = F.normalize(visual.ln_post(x[:, 0]) @ visual.proj, dim=-1)
+    from_zero = tower.encode(tower.stem(images), adapters=_adapters(weights))
+    later = tower.stem(images, block=first)
+    from_first = tower.encode(later, adapters=_adapters(weights), start=first)
+    assert torch.allclose(from_zero, reference, atol=1e-5)
+    assert torch.allclose(from_first, reference, atol=1e-5)
+    assert (reference - backbone.encode_images(images)).abs().max() > 1e-3
+    # A later stem with no adapter is still the plain tower.
+    assert torch.allclose(
+        tower.encode(later, start=first), backbone.encode_images(images), atol=1e-5
+    )
+
+
 def test_bad_prompt_shapes_and_depths_are_refused() -> None:
     tower = PromptedImageTower(FrozenCLIP.load(TINY))
     stem = tower.stem(_images(tower.backbone, 1))
@@ -106,6 +148,13 @@ def test_bad_prompt_shapes_and_depths_are_refused() -> None:
         tower.encode(stem, prompts, [prompts] * tower.depth)
     with pytest.raises(ValueError, match="the 2 tokens it replaces"):
         tower.encode(stem, prompts, [_prompts(tower, 3, seed=7)])
+    adapter = _adapters({tower.depth: _adapter(tower.width, 1)})
+    with pytest.raises(ValueError, match=rf"adapters in blocks \[{tower.depth}\], the image"):
+        tower.encode(stem, adapters=adapter)
+    with pytest.raises(ValueError, match="the stem enters block 1"):
+        tower.encode(tower.stem(_images(tower.backbone, 1), block=1), prompts, start=1)
+    with pytest.raises(ValueError, match=f"has blocks 0 .. {tower.depth - 1}"):
+        tower.stem(_images(tower.backbone, 1), block=tower.depth)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +87,27 @@ def _text_tower(model: nn.Module) -> nn.Module:
             f"{type(model).__name__} has no CLIP-style text transformer; prompt learning needs one"
         )
     return tower
+
+
+# Per-block adapters (pFedMMA): block index -> a function of the block's input and the block,
+# whose result is added to the block's output. They act token by token.
+Adapters = Mapping[int, Callable[[Tensor, nn.Module], Tensor]]
+
+
+def check_adapters(adapters: Adapters, blocks: int, first: int = 0, tower: str = "text") -> None:
+    """ValueError unless every adapter sits in one of blocks ``first`` .. ``blocks - 1``."""
+    outside = sorted(index for index in adapters if not first <= index < blocks)
+    if outside:
+        raise ValueError(
+            f"adapters in blocks {outside}, the {tower} tower runs blocks {first} .. {blocks - 1}"
+        )
+
+
+def run_block(block: nn.Module, x: Tensor, adapters: Adapters, index: int, **kwargs) -> Tensor:
+    """``block(x)``, plus the adapter of block ``index`` applied to ``x`` where there is one."""
+    out = block(x, **kwargs)
+    adapter = adapters.get(index)
+    return out if adapter is None else out + adapter(x, block)
 
 
 def check_deep(deep: Sequence[Tensor], blocks: int, positions: int) -> None:
@@ -203,33 +224,41 @@ class FrozenCLIP(nn.Module):
         return self.text.token_embedding(ids.to(self.device))
 
     def encode_prompts(
-        self, embeddings: Tensor, eot_index: Tensor, deep: Sequence[Tensor] = ()
+        self,
+        embeddings: Tensor,
+        eot_index: Tensor,
+        deep: Sequence[Tensor] = (),
+        adapters: Adapters | None = None,
     ) -> Tensor:
         """L2-normalised text features of prompt embeddings (N, L, D).
 
         Runs the transformer only over positions up to the last EOT in the batch: attention is
         causal, so later positions cannot change any EOT feature. ``deep[i - 1]`` (M, D), or
         (N, M, D) for one per prompt, replaces the hidden states of positions 1 .. M before
-        block i (deep text prompts).
+        block i (deep text prompts); ``adapters`` add their term to the output of their block.
         """
+        adapters = adapters or {}
         length = int(eot_index.max()) + 1
         with self.autocast():
             x = embeddings[:, :length] + self.text.positional_embedding[:length]
             mask = self.text.attn_mask
             mask = None if mask is None else mask[:length, :length]
-            if deep:
-                check_deep(deep, len(self.text.transformer.resblocks), length - 1)
+            if deep or adapters:
+                blocks = self.text.transformer.resblocks
+                check_deep(deep, len(blocks), length - 1)
+                check_adapters(adapters, len(blocks))
                 if not getattr(self.text.transformer, "batch_first", False):
                     raise BackboneError(
-                        f"model '{self.name}': deep text prompts need a batch-first text tower"
+                        f"model '{self.name}': prompts or adapters inside the text tower need a "
+                        f"batch-first text tower"
                     )
-                for index, block in enumerate(self.text.transformer.resblocks):
+                for index, block in enumerate(blocks):
                     if 0 < index <= len(deep):
                         tokens = deep[index - 1]
                         tokens = tokens.expand(x.shape[0], -1, -1) if tokens.dim() == 2 else tokens
                         tokens = tokens.to(x.dtype)
                         x = torch.cat([x[:, :1], tokens, x[:, 1 + tokens.shape[1] :]], dim=1)
-                    x = block(x, attn_mask=mask)
+                    x = run_block(block, x, adapters, index, attn_mask=mask)
             else:
                 x = self.text.transformer(x, attn_mask=mask)
             x = self.text.ln_final(x)

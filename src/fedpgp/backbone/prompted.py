@@ -4,11 +4,13 @@ FedMGP).
 
 What does not depend on any prompt is split off as the *stem*: the tokens entering block 0
 (patch embedding, class token, positions and ``ln_pre``, as open_clip's ``_embeds`` computes
-them). It is computed once per image and can be cached like any image feature; a step runs only
-the blocks. Layer-0 prompts V_0 (M x D_v) are appended after the stem's tokens, through
-``ln_pre`` (per token, so ``ln_pre([X; V]) = [ln_pre X; ln_pre V]``) and without positions;
-deep prompts V_i replace the last M tokens before block i = 1 .. J-1; pooling is ``ln_post`` of
-the class token times ``proj``. With no prompt the result is open_clip's ``encode_image``.
+them), or, for a method whose first learned part sits in block k (pFedMMA's adapters), the tokens
+entering block k. It is computed once per image and can be cached like any image feature; a step
+runs only the blocks after it. Layer-0 prompts V_0 (M x D_v) are appended after the stem's
+tokens, through ``ln_pre`` (per token, so ``ln_pre([X; V]) = [ln_pre X; ln_pre V]``) and without
+positions; deep prompts V_i replace the last M tokens before block i = 1 .. J-1; an adapter of
+block i adds its term to that block's output; pooling is ``ln_post`` of the class token times
+``proj``. With no prompt and no adapter the result is open_clip's ``encode_image``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from open_clip.transformer import ResidualAttentionBlock, Transformer, VisionTra
 from torch import Tensor
 
 from ..errors import BackboneError
-from .frozen import FrozenCLIP
+from .frozen import Adapters, FrozenCLIP, check_adapters, run_block
 
 
 def prompted_visual(backbone: FrozenCLIP) -> VisionTransformer:
@@ -72,11 +74,18 @@ class PromptedImageTower:
         return len(self.blocks)
 
     @torch.no_grad()
-    def stem(self, images: Tensor) -> Tensor:
-        """Tokens (N, 1 + P, D_v) entering block 0 for transformed images (N, 3, H, W): frozen,
-        so computed once per image."""
+    def stem(self, images: Tensor, block: int = 0) -> Tensor:
+        """Tokens (N, 1 + P, D_v) entering block ``block`` for transformed images (N, 3, H, W):
+        frozen, so computed once per image."""
+        if not 0 <= block < self.depth:
+            raise ValueError(
+                f"a stem entering block {block}: the image tower of '{self.backbone.name}' has "
+                f"blocks 0 .. {self.depth - 1}"
+            )
         with self.backbone.autocast():
             tokens = self.visual._embeds(images.to(self.backbone.device))
+            for frozen in self.blocks[:block]:
+                tokens = frozen(tokens)
         return tokens.float()
 
     def encode(
@@ -84,14 +93,47 @@ class PromptedImageTower:
         stem: Tensor,
         prompts: Tensor | None = None,
         deep: Sequence[Tensor] = (),
+        adapters: Adapters | None = None,
+        start: int = 0,
     ) -> Tensor:
-        """L2-normalised image features (N, E) of stems (N, 1 + P, D_v), float32 or the
-        float16 of the feature cache.
+        """L2-normalised image features (N, E) of stems (N, 1 + P, D_v) entering block
+        ``start``, float32 or the float16 of the feature cache.
 
         ``prompts`` (M, D_v), or (N, M, D_v) for a prompt per image, are appended before block
-        0; ``deep[i - 1]`` (same shapes) replaces them before block i. Gradients reach every
-        prompt; the tower stays frozen.
+        0; ``deep[i - 1]`` (same shapes) replaces them before block i; ``adapters`` (block
+        index -> adapter, blocks ``start`` onwards) add their term to their block's output.
+        Gradients reach every prompt and adapter; the tower stays frozen.
         """
+        adapters = adapters or {}
+        self._check(prompts, deep, adapters, start)
+        count = stem.shape[0]
+        # A cached stem is float16; the blocks run in float32 (or under the backbone's autocast).
+        x = stem.to(self.backbone.device, torch.float32)
+        with self.backbone.autocast():
+            if prompts is not None:
+                appended = self._rows(self.visual.ln_pre(prompts), count).to(x.dtype)
+                x = torch.cat([x, appended], dim=1)
+            for index in range(start, self.depth):
+                if 0 < index <= len(deep):
+                    replaced = self._rows(deep[index - 1], count).to(x.dtype)
+                    x = torch.cat([x[:, : -replaced.shape[1]], replaced], dim=1)
+                x = run_block(self.blocks[index], x, adapters, index)
+            pooled, _ = self.visual._pool(x)
+            if self.visual.proj is not None:
+                pooled = pooled @ self.visual.proj
+        return F.normalize(pooled.float(), dim=-1)
+
+    def _check(
+        self, prompts: Tensor | None, deep: Sequence[Tensor], adapters: Adapters, start: int
+    ) -> None:
+        """ValueError for prompts or adapters that this tower cannot take from block ``start``."""
+        if not 0 <= start < self.depth:
+            raise ValueError(
+                f"a stem entering block {start}: the image tower of '{self.backbone.name}' has "
+                f"blocks 0 .. {self.depth - 1}"
+            )
+        if start and (prompts is not None or deep):
+            raise ValueError(f"prompts enter at block 0, the stem enters block {start}")
         if deep and prompts is None:
             raise ValueError("deep prompts replace layer-0 prompts: pass prompts too")
         if len(deep) >= self.depth:
@@ -102,22 +144,7 @@ class PromptedImageTower:
         length = None if prompts is None else prompts.shape[-2]
         if any(tokens.shape[-2] != length for tokens in deep):
             raise ValueError(f"every deep prompt must have the {length} tokens it replaces")
-        count = stem.shape[0]
-        # A cached stem is float16; the blocks run in float32 (or under the backbone's autocast).
-        x = stem.to(self.backbone.device, torch.float32)
-        with self.backbone.autocast():
-            if prompts is not None:
-                appended = self._rows(self.visual.ln_pre(prompts), count).to(x.dtype)
-                x = torch.cat([x, appended], dim=1)
-            for index, block in enumerate(self.blocks):
-                if 0 < index <= len(deep):
-                    replaced = self._rows(deep[index - 1], count).to(x.dtype)
-                    x = torch.cat([x[:, : -replaced.shape[1]], replaced], dim=1)
-                x = block(x)
-            pooled, _ = self.visual._pool(x)
-            if self.visual.proj is not None:
-                pooled = pooled @ self.visual.proj
-        return F.normalize(pooled.float(), dim=-1)
+        check_adapters(adapters, self.depth, start, tower="image")
 
     @staticmethod
     def _rows(tokens: Tensor, count: int) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .frozen import FrozenCLIP
+from .frozen import Adapters, FrozenCLIP
 
 _BLOCK_PARTS = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
 
@@ -112,12 +112,17 @@ class SharedPrefixEncoder:
             self._eot_rows[count] = index.to(self.backbone.device)
         return self._eot_rows[count]
 
-    def encode(self, prefixes: Tensor, deep: Sequence[Tensor] = ()) -> Tensor:
+    def encode(
+        self, prefixes: Tensor, deep: Sequence[Tensor] = (), adapters: Adapters | None = None
+    ) -> Tensor:
         """Features (P, C, E) of every prefix (P, prefix_length, D) with every class suffix.
         ``deep[i - 1]`` (M, D), or (P, M, D) for one per prefix, replaces the hidden states of
         prefix positions 1 .. M before block i: deep prompts, which stay prefix rows, so the
-        prefix is still shared by every class. The caller checks ``deep``
-        (:func:`~fedpgp.backbone.frozen.check_deep`, as PromptBank.encode does)."""
+        prefix is still shared by every class. ``adapters`` add their term to their block's
+        output; they act token by token, so they keep the sharing too. The caller checks
+        ``deep`` and ``adapters`` (:func:`~fedpgp.backbone.frozen.check_deep`,
+        :func:`~fedpgp.backbone.frozen.check_adapters`, as PromptBank.encode does)."""
+        adapters = adapters or {}
         count, length, width = prefixes.shape
         if length != self.prefix_length:
             raise ValueError(f"expected prefixes of {self.prefix_length} tokens, got {length}")
@@ -129,7 +134,9 @@ class SharedPrefixEncoder:
             for index, block in enumerate(self.blocks):
                 if 0 < index <= len(deep):
                     rows = self._replace_prefix(rows, deep[index - 1], count)
-                rows = self._block(block, rows, count)
+                adapter = adapters.get(index)
+                out = self._block(block, rows, count)
+                rows = out if adapter is None else out + adapter(rows, block)
             x = text.ln_final(rows[self._eot_index(count)])
             projection = text.text_projection
             if projection is not None:

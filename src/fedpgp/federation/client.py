@@ -100,8 +100,10 @@ class Client:
         self.seed = seed
 
     def params(self, global_tensors: Mapping[str, Tensor]) -> Tensors:
-        """Every tensor this client predicts with: the GLOBAL ones and its own PERSONAL ones."""
-        return {**{k: global_tensors[k] for k in self.method.global_keys}, **self.personal}
+        """Every tensor this client trains and predicts with: the GLOBAL ones and its own
+        PERSONAL ones, as the method merges them."""
+        own = {**{k: global_tensors[k] for k in self.method.global_keys}, **self.personal}
+        return self.method.merge(own)
 
     def batch_features(self, batch: Tensor, round: int, epoch: int, step: int) -> Tensor:
         """Image features of ``batch``: the stored view of this epoch (a fresh crop per epoch
@@ -131,6 +133,8 @@ class Client:
         losses: list[Tensor],
     ) -> tuple[Tensors, Update]:
         """The PERSONAL tensors to keep and the Update to send after training to ``params``."""
+        generator = torch_generator(self.seed, "after-training", round, self.id)
+        params = self.method.after_training(params, received, generator)
         kept = self.method.keep(params, received)
         upload = self.method.upload(params, received)
         if set(upload) != set(self.method.upload_keys):

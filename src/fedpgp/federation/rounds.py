@@ -104,6 +104,7 @@ def run_rounds(
     pending: list[dict] = []
     zeroshot: dict[str, Any] | None = None
     first = 0
+    every = cfg.eval_every if cfg.eval_every is not None else server.method.eval_every
 
     def state(round: int) -> RunState:
         return transport.capture(
@@ -138,7 +139,7 @@ def run_rounds(
         server.aggregate(accepted)
         pending.extend(fault.to_dict() for fault in faults)
         last = round == cfg.rounds - 1
-        if last or (round + 1) % cfg.eval_every == 0:
+        if last or (every is not None and (round + 1) % every == 0):
             per_client, zero_rows = transport.evaluate(round, server.global_tensors, last)
             rows.append(round_row(round, cfg.rounds, per_client, sampled, pending, traffic))
             pending = []

@@ -14,11 +14,12 @@ from torch import Tensor
 
 from ..config import RunConfig, method_label_space
 from ..errors import ConfigError
-from ..prompts import PromptBank
+from ..prompts import PromptBank, PromptTemplate
 from ..seeding import torch_generator
 from .registry import METHOD_NAMES, method_class
 
 if TYPE_CHECKING:
+    from ..backbone import FrozenCLIP
     from ..federation.update import Update
 
 Tensors = dict[str, Tensor]
@@ -66,11 +67,34 @@ class Method:
     # The GLOBAL tensor that is a CoOp context (M x D) by itself, for a method with PERSONAL
     # tensors: its global prompt (:meth:`global_predictor`).
     global_context: ClassVar[str | None] = None
+    # Rounds between evaluations when the config's ``eval_every`` is null; None: the final
+    # round only (for a method whose evaluation encodes every test image per client).
+    eval_every: ClassVar[int | None] = 1
 
-    def __init__(self, cfg: RunConfig, logit_scale: float, embed_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        logit_scale: float,
+        embed_dim: int | None = None,
+        backbone: FrozenCLIP | None = None,
+    ) -> None:
         self.cfg = cfg
         self.logit_scale = logit_scale
         self._embed_dim = embed_dim
+        self._backbone = backbone
+
+    @property
+    def backbone(self) -> FrozenCLIP:
+        """The frozen CLIP, for methods that put prompts or adapters inside its encoders."""
+        if self._backbone is None:
+            raise ValueError(f"method {self.name} works inside the encoders: create it with one")
+        return self._backbone
+
+    @property
+    def template(self) -> PromptTemplate:
+        """How this method's prompt banks are built: CoOp's ``[SOS] ctx {name}.`` with the
+        run's n_ctx by default."""
+        return PromptTemplate(self.cfg.n_ctx)
 
     @property
     def embed_dim(self) -> int:
@@ -127,6 +151,24 @@ class Method:
         """The PERSONAL state a client keeps after local training."""
         return {key: params[key] for key in self.personal_keys}
 
+    def merge(self, params: Mapping[str, Tensor]) -> Tensors:
+        """A client's tensors (its GLOBAL and PERSONAL ones, keys in that order) as it trains
+        and predicts with them: unchanged by default; a method whose PERSONAL tensors take the
+        GLOBAL ones into some of their slots writes them there (FedMGP)."""
+        return dict(params)
+
+    def after_training(
+        self,
+        params: Mapping[str, Tensor],
+        received: Mapping[str, Tensor],
+        generator: torch.Generator,
+    ) -> Tensors:
+        """The trained ``params`` completed with what a client decides after training, before
+        :meth:`keep` and :meth:`upload` read them (FedMGP draws which groups to upload);
+        ``generator`` is seeded by the run seed, the round and the client. Unchanged by
+        default."""
+        return dict(params)
+
     def combine(self, current: Mapping[str, Tensor], updates: Sequence[Update]) -> Tensors:
         """The server's new GLOBAL tensors from the sound ``updates`` of a round (at least one)."""
         mean = weighted_mean if self.aggregation == "weighted" else unweighted_mean
@@ -152,6 +194,12 @@ class Method:
         a method whose class features take stacked tensors."""
         return self.class_features(params, bank)
 
+    def encode_images(self, params: Mapping[str, Tensor], features: Tensor) -> Tensor:
+        """What :meth:`logits` takes of the image features this method reads (its
+        ``image_kind``): those features themselves by default; a method with prompts inside
+        the image tower runs its stems through it."""
+        return features
+
     def logits(self, features: Tensor, text_features: Tensor) -> Tensor:
         """exp(logit_scale) * cos(image, class) for a batch of image features."""
         return self.logit_scale * features @ text_features.t()
@@ -161,11 +209,11 @@ class Method:
     ) -> Tensor:
         """Logits (N, C) of a batch of the image features this method reads (its
         ``image_kind``)."""
-        return self.logits(features, self.class_features(params, bank))
+        return self.logits(self.encode_images(params, features), self.class_features(params, bank))
 
     def predict(self, params: Mapping[str, Tensor], bank: PromptBank, features: Tensor) -> Tensor:
         """Predicted class index (into ``bank``) for each image feature (N x E, or V x N x E)."""
-        return self.logits(features, self.class_features(params, bank)).argmax(dim=-1)
+        return self.image_logits(params, bank, features).argmax(dim=-1)
 
     def global_predictor(self, global_tensors: Mapping[str, Tensor]) -> tuple[str, Tensors] | None:
         """How the GLOBAL tensors alone classify, as (method name, the tensors it predicts
@@ -189,8 +237,7 @@ class Method:
         """The local training loss of one batch. ``round_start`` holds what the client received
         this round: the GLOBAL tensors as the server sent them, and anything
         :meth:`server_sends` added."""
-        logits = self.logits(features, self.class_features(params, bank))
-        return F.cross_entropy(logits, labels)
+        return F.cross_entropy(self.image_logits(params, bank, features), labels)
 
     def batched_losses(
         self,
@@ -220,16 +267,26 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor
 
 
 def create_method(
-    cfg: RunConfig, logit_scale: float, name: str | None = None, embed_dim: int | None = None
+    cfg: RunConfig,
+    logit_scale: float,
+    name: str | None = None,
+    embed_dim: int | None = None,
+    backbone: FrozenCLIP | None = None,
 ) -> Method:
     """The method the config names (or ``name``, with the config's settings), for a backbone
-    of ``logit_scale`` and ``embed_dim``."""
+    of ``logit_scale`` and ``embed_dim`` (or ``backbone`` itself, which methods that work inside
+    the encoders need)."""
     name = cfg.method if name is None else name
     if name not in METHOD_NAMES:
         raise ConfigError(f"method: expected one of {', '.join(METHOD_NAMES)}, got {name!r}")
-    method = method_class(name)(cfg, logit_scale, embed_dim)
+    method = method_class(name)(cfg, logit_scale, embed_dim, backbone)
     if method.aggregation not in AGGREGATIONS:
         raise ConfigError(
             f"method {name}: aggregation {method.aggregation!r} is not one of {AGGREGATIONS}"
         )
     return method
+
+
+def method_for(cfg: RunConfig, backbone: FrozenCLIP, name: str | None = None) -> Method:
+    """The method the config names (or ``name``) on ``backbone``."""
+    return create_method(cfg, backbone.logit_scale, name, backbone.embed_dim, backbone)

@@ -26,6 +26,7 @@ round, and predicts with those three.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,9 @@ from ..errors import ConfigError
 from ..prompts import PromptBank, linear_init, normal_init
 from ..seeding import torch_generator
 from .base import Method, Tensors
+
+if TYPE_CHECKING:
+    from ..backbone import FrozenCLIP
 
 EXPERT = "expert/"
 GATING = ("gate_wq", "gate_bq", "gate_wk", "gate_bk", "gate_wv", "gate_bv", "gate_wo", "gate_bo")
@@ -86,8 +90,14 @@ class PFedMoAP(Method):
     global_context = "ctx"
     keeps_uploads = True
 
-    def __init__(self, cfg: RunConfig, logit_scale: float, embed_dim: int | None = None) -> None:
-        super().__init__(cfg, logit_scale, embed_dim)
+    def __init__(
+        self,
+        cfg: RunConfig,
+        logit_scale: float,
+        embed_dim: int | None = None,
+        backbone: FrozenCLIP | None = None,
+    ) -> None:
+        super().__init__(cfg, logit_scale, embed_dim, backbone)
         # (bank, received expert tensors, their features) of the round being trained.
         self._cache: tuple[PromptBank, list[Tensor], Tensor] | None = None
         if embed_dim is not None:

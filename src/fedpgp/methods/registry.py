@@ -134,6 +134,100 @@ class PFedMoAPSettings:
     choices: ClassVar[dict] = {}
 
 
+@dataclass
+class VPTSettings:
+    """VPT (docs/method.md section 14): ``length`` vision prompt tokens appended before block 0
+    and, with ``depth`` > 1, fresh ones replacing them before blocks 1 .. depth - 1 (the
+    authors' 4 tokens at depth 1)."""
+
+    length: int = 4
+    depth: int = 1
+
+    ranges: ClassVar[tuple] = (("length", 1, None, True), ("depth", 1, None, True))
+    choices: ClassVar[dict] = {}
+
+
+@dataclass
+class IVLPSettings:
+    """IVLP (docs/method.md section 14): independent text and vision prompts, each with its
+    length and depth (the authors' 2 tokens at depth 1 in both towers)."""
+
+    text_length: int = 2
+    vision_length: int = 2
+    text_depth: int = 1
+    vision_depth: int = 1
+
+    ranges: ClassVar[tuple] = (
+        ("text_length", 1, None, True),
+        ("vision_length", 1, None, True),
+        ("text_depth", 1, None, True),
+        ("vision_depth", 1, None, True),
+    )
+    choices: ClassVar[dict] = {}
+
+
+@dataclass
+class MaPLeSettings:
+    """MaPLe (docs/method.md section 14): ``length`` text prompt tokens per block, projected
+    into the image tower, in blocks 0 .. depth - 1 of both towers (null: three quarters of the
+    shallower tower, rounded: the authors' 9 of 12 blocks)."""
+
+    length: int = 2
+    depth: int | None = None
+
+    ranges: ClassVar[tuple] = (("length", 1, None, True), ("depth", 1, None, True))
+    choices: ClassVar[dict] = {}
+
+
+@dataclass
+class FedMGPSettings:
+    """FedMGP (docs/method.md section 15): ``groups`` pairs of text and vision prompts, of which
+    a client uploads ``selected``, drawn by softmax(similarity / temperature) to last round's
+    global groups; the diversity term of weight ``weight`` as the authors coded it (official,
+    pulling groups together) or with the paper's sign (paper, pushing them apart); text and
+    vision groups drawn independently (the authors') or jointly on the summed similarity."""
+
+    groups: int = 5
+    selected: int = 2
+    text_length: int = 2
+    vision_length: int = 2
+    temperature: float = 1.0
+    weight: float = 1.0
+    diversity: str = "official"
+    selection: str = "independent"
+
+    ranges: ClassVar[tuple] = (
+        ("groups", 1, None, True),
+        ("selected", 1, None, True),
+        ("text_length", 1, None, True),
+        ("vision_length", 1, None, True),
+        ("temperature", 0, None, False),
+        ("weight", 0, None, True),
+    )
+    choices: ClassVar[dict] = {
+        "diversity": ("official", "paper"),
+        "selection": ("independent", "joint"),
+    }
+
+
+@dataclass
+class PFedMMASettings:
+    """pFedMMA (docs/method.md section 16): adapters of width ``dim`` in the top ``blocks``
+    blocks of both towers (null: two thirds of the shallower tower, rounded: the authors' 8 of
+    12), their output scaled by ``scale``."""
+
+    blocks: int | None = None
+    dim: int = 32
+    scale: float = 0.001
+
+    ranges: ClassVar[tuple] = (
+        ("blocks", 1, None, True),
+        ("dim", 1, None, True),
+        ("scale", 0, None, False),
+    )
+    choices: ClassVar[dict] = {}
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     """One method: its name (the config's ``method``), where its class lives
@@ -193,6 +287,29 @@ REGISTRY: tuple[MethodInfo, ...] = (
         "PFedMoAP",
         "own prompt mixed with other clients' prompts by a personal gating",
         PFedMoAPSettings,
+    ),
+    MethodInfo(
+        "vpt", "vpt", "VPT", "vision prompts in the image tower, hand-crafted text", VPTSettings
+    ),
+    MethodInfo(
+        "ivlp", "ivlp", "IVLP", "independent text and vision prompts, all global", IVLPSettings
+    ),
+    MethodInfo(
+        "maple", "maple", "MaPLe", "text prompts projected into the image tower", MaPLeSettings
+    ),
+    MethodInfo(
+        "fedmgp",
+        "fedmgp",
+        "FedMGP",
+        "groups of text-vision prompts, selected groups shared",
+        FedMGPSettings,
+    ),
+    MethodInfo(
+        "pfedmma",
+        "pfedmma",
+        "PFedMMA",
+        "adapters in both towers, only their shared projection global",
+        PFedMMASettings,
     ),
 )
 

@@ -22,7 +22,7 @@ from ...checkpoint import Checkpoint
 from ...config import RunConfig, describe_changes, run_changes, run_digest
 from ...errors import CheckpointError, ConfigError, FedPGPError
 from ...experiment import backbone_spec
-from ...methods.base import create_method
+from ...methods.base import method_for
 from ...methods.registry import method_class
 from ...rundir import RunDir, default_out_dir
 from ..rounds import run_federation
@@ -85,9 +85,10 @@ def _run(
     checkpoint: Checkpoint | None,
 ) -> dict[str, Any]:
     log.info("Flower run directory %s", run_dir.path.resolve())
-    # The server only needs the text width and logit scale, on CPU: it never sees data.
+    # The server only needs the towers' shapes, the logit scale and the token embeddings its
+    # initial tensors may start from, on CPU: it never sees data.
     backbone = FrozenCLIP.load(backbone_spec(cfg))
-    method = create_method(cfg, backbone.logit_scale, embed_dim=backbone.embed_dim)
+    method = method_for(cfg, backbone)
     message_log = MessageLog(run_dir.path / "messages.jsonl")
     registry = NodeRegistry(grid, cfg.num_clients, message_log, settings.node_wait)
     registry.wait_for_all(settings.node_wait)
