@@ -438,9 +438,42 @@ def test_the_stem_is_cached_and_equals_the_recomputed_stem(
     torch.testing.assert_close(stem.base.features.float(), tower.stem(images), atol=1e-2, rtol=1e-3)
     assert features_cached(cfg, experiment.backbone, splits, manifest, ["stem"])
 
-    def no_encoding(self: PromptedImageTower, images: Tensor) -> None:
+    def no_encoding(self: PromptedImageTower, images: Tensor, block: int = 0) -> None:
         raise AssertionError("the stem was encoded again")
 
     monkeypatch.setattr(PromptedImageTower, "stem", no_encoding)
     again = build_experiment(cfg, kinds=["stem"]).feature_sets[("stem", "all")]
     assert torch.equal(again.base.features, stem.base.features)
+
+
+def test_a_stem_entering_a_later_block_is_its_own_cached_kind(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pFedMMA's frozen part ends before its first adapted block (block 1 of the tiny CLIP's
+    2): its features are the tokens entering that block, cached under their own key."""
+    cfg = load_config(overrides=tiny_overrides(tiny_data, method="pfedmma", cache_dir=tmp_path))
+    splits, manifest = load_data(cfg)
+    experiment = build_experiment(cfg, kinds=["stem"])
+    assert experiment.method.image_kind == "stem@1"
+    tower = PromptedImageTower(experiment.backbone)
+    images = torch.stack(
+        [experiment.backbone.test_transform()(splits.test.images[i]) for i in manifest.base_test]
+    )
+    later = experiment.feature_sets[("stem@1", "all")].base.features
+    assert torch.equal(experiment.base.features, later)
+    torch.testing.assert_close(later.float(), tower.stem(images, 1), atol=1e-2, rtol=1e-3)
+    first = experiment.feature_sets[("stem", "all")].base.features
+    assert (later.float() - first.float()).abs().max() > 0.1
+    assert features_cached(cfg, experiment.backbone, splits, manifest, ["stem@1"])
+
+    def no_encoding(self: PromptedImageTower, images: Tensor, block: int = 0) -> None:
+        raise AssertionError("the stem was encoded again")
+
+    monkeypatch.setattr(PromptedImageTower, "stem", no_encoding)
+    assert torch.equal(build_experiment(cfg).base.features, later)
+
+
+@pytest.mark.parametrize("kind", ["stem@0", "stem@x", "stem@-1", "tokens"])
+def test_an_unknown_feature_kind_is_refused(tiny_data: Path, kind: str) -> None:
+    with pytest.raises(ValueError, match="unknown image feature kind"):
+        build_experiment(load_config(overrides=tiny_overrides(tiny_data)), kinds=[kind])

@@ -12,6 +12,7 @@ from tiny import tiny_overrides
 from fedpgp.config import load_config
 from fedpgp.evaluation import evaluate_client, evaluate_clients
 from fedpgp.experiment import build_experiment
+from fedpgp.federation.inprocess import InProcess
 from fedpgp.prompts import PromptBank
 
 
@@ -129,3 +130,46 @@ def test_batched_evaluation_equals_each_client_alone(
         for cid in sorted(params)
     ]
     assert evaluate_clients(experiment, params) == alone
+
+
+@pytest.mark.parametrize(("method", "shared"), [("ivlp", True), ("fedmgp", False)])
+def test_prompted_image_towers_encode_the_test_images_once_per_distinct_tensors(
+    tiny_data: Path, method: str, shared: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A method whose tensors are all GLOBAL encodes every test image once per evaluation for
+    every client; one with PERSONAL tensors once per client; both give each set's own
+    predictions."""
+    experiment = build_experiment(load_config(overrides=tiny_overrides(tiny_data, method=method)))
+    clients = InProcess(experiment).clients
+    received = start_global(experiment)
+    for client in clients.values():
+        client.train(received, 0)
+    params = {cid: client.params(received) for cid, client in clients.items()}
+    alone = [
+        {
+            "id": cid,
+            "n_train": experiment.client_data[cid].num_train,
+            **evaluate_client(
+                experiment.method,
+                params[cid],
+                experiment.client_data[cid].local,
+                experiment.base,
+                experiment.novel,
+            ),
+        }
+        for cid in sorted(params)
+    ]
+    encoded: list[int] = []
+    cls = type(experiment.method)
+    original = cls.encode_images
+
+    def counting(self, tensors, features):
+        encoded.append(len(features))
+        return original(self, tensors, features)
+
+    monkeypatch.setattr(cls, "encode_images", counting)
+    assert evaluate_clients(experiment, params) == alone
+    # Every client's Local set lies in the Base test set here, so the images a client needs
+    # are Base and Novel.
+    needed = len(experiment.base) + len(experiment.novel)
+    assert sum(encoded) == needed * (1 if shared else len(clients))

@@ -56,6 +56,10 @@ def read_results(run_dir: Path) -> dict[str, bytes]:
             3,
         ),
         ({"rounds": 2, "method": "promptfl"}, 1),
+        # Groups drawn, uploaded and written back; one client sampled per round, so the other
+        # keeps the slots of its last draw.
+        ({"rounds": 4, "method": "fedmgp", "frac": 0.5, "eval_every": 1}, 2),
+        ({"rounds": 2, "method": "pfedmma"}, 1),
     ],
 )
 def test_stopped_and_resumed_run_is_byte_identical(

@@ -6,6 +6,7 @@ depths are checked against the towers when the method is created."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, ClassVar
 
@@ -14,8 +15,8 @@ from torch import Tensor
 
 from ..backbone.prompted import PromptedImageTower
 from ..errors import ConfigError
-from ..prompts import PromptTemplate, normal_init
-from .base import Method
+from ..prompts import PromptBank, PromptTemplate, normal_init
+from .base import Method, masked_cross_entropy
 
 if TYPE_CHECKING:
     from ..backbone import FrozenCLIP
@@ -96,5 +97,40 @@ class EncoderMethod(Method):
 
     @staticmethod
     def layers(tensor: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """A stack of per-block prompts (J, M, D) as the first block's and the deep ones."""
-        return tensor[0], list(tensor[1:])
+        """A stack of per-block prompts (J, M, D), or K clients' (K, J, M, D), as the first
+        block's and the deep ones."""
+        first, *deep = tensor.unbind(-3)
+        return first, deep
+
+
+class GlobalPrompts(EncoderMethod):
+    """VPT, IVLP and MaPLe: prompts that are all GLOBAL, text ones through
+    :meth:`class_features` and vision ones from :meth:`vision_layers` (J, M, D_v), each
+    written so that K clients' stacked tensors give their K results; their clients can train
+    in lockstep."""
+
+    can_batch = True
+
+    def encode_images(self, params: Mapping[str, Tensor], features: Tensor) -> Tensor:
+        return self.tower.encode(features, *self.layers(self.vision_layers(params)))
+
+    def batched_losses(
+        self,
+        params: Mapping[str, Tensor],
+        features: Tensor,
+        labels: Tensor,
+        mask: Tensor,
+        bank: PromptBank,
+        round_start: Mapping[str, Tensor],
+    ) -> Tensor:
+        """:meth:`loss` of K clients: their K x B stems through the image tower in one pass
+        (each image with its client's prompts), their K text prompts in one encoder call."""
+        count, batch = features.shape[:2]
+        first, deep = self.layers(self.vision_layers(params))
+        per_image = [tokens.repeat_interleave(batch, dim=0) for tokens in (first, *deep)]
+        images = self.tower.encode(features.flatten(0, 1), per_image[0], per_image[1:])
+        text = self.class_features(params, bank).expand(count, -1, -1)
+        logits = self.logit_scale * torch.einsum(
+            "kbe,kce->kbc", images.view(count, batch, -1), text
+        )
+        return masked_cross_entropy(logits, labels, mask)

@@ -17,10 +17,10 @@ from torch import Tensor
 
 from ..prompts import PromptBank, PromptTemplate, normal_init
 from .base import Tensors
-from .encoders import EncoderMethod, check_depth, photo_template, text_context
+from .encoders import GlobalPrompts, check_depth, photo_template, text_context
 
 
-class IVLP(EncoderMethod):
+class IVLP(GlobalPrompts):
     name = "ivlp"
     global_keys = ("text", "vision")
 
@@ -44,8 +44,8 @@ class IVLP(EncoderMethod):
             "vision": normal_init(vision, generator),
         }
 
-    def encode_images(self, params: Mapping[str, Tensor], features: Tensor) -> Tensor:
-        return self.tower.encode(features, *self.layers(params["vision"]))
+    def vision_layers(self, params: Mapping[str, Tensor]) -> Tensor:
+        return params["vision"]
 
     def class_features(self, params: Mapping[str, Tensor], bank: PromptBank) -> Tensor:
         return bank.encode(*self.layers(params["text"]))

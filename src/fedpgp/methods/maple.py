@@ -21,13 +21,13 @@ from torch import Tensor
 
 from ..prompts import PromptBank, PromptTemplate, linear_init, normal_init
 from .base import Tensors
-from .encoders import EncoderMethod, check_depth, photo_template, share_of_depth, text_context
+from .encoders import GlobalPrompts, check_depth, photo_template, share_of_depth, text_context
 
 # The authors' depth, 9 of ViT-B/16's 12 blocks, as a share of a tower's blocks.
 DEPTH_SHARE = 9 / 12
 
 
-class MaPLe(EncoderMethod):
+class MaPLe(GlobalPrompts):
     name = "maple"
     global_keys = ("text", "proj_w", "proj_b")
 
@@ -60,11 +60,9 @@ class MaPLe(EncoderMethod):
             "proj_b": torch.cat([b0.unsqueeze(0), b.expand(depth - 1, -1)]),
         }
 
-    def encode_images(self, params: Mapping[str, Tensor], features: Tensor) -> Tensor:
-        vision = params["text"] @ params["proj_w"].transpose(-1, -2) + params["proj_b"].unsqueeze(
-            -2
-        )
-        return self.tower.encode(features, *self.layers(vision))
+    def vision_layers(self, params: Mapping[str, Tensor]) -> Tensor:
+        """V_i = T[i] W_i^T + b_i for every block i."""
+        return params["text"] @ params["proj_w"].transpose(-1, -2) + params["proj_b"].unsqueeze(-2)
 
     def class_features(self, params: Mapping[str, Tensor], bank: PromptBank) -> Tensor:
         return bank.encode(*self.layers(params["text"]))

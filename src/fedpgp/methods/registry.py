@@ -303,6 +303,7 @@ REGISTRY: tuple[MethodInfo, ...] = (
         "FedMGP",
         "groups of text-vision prompts, selected groups shared",
         FedMGPSettings,
+        costly=True,
     ),
     MethodInfo(
         "pfedmma",

@@ -15,10 +15,10 @@ from torch import Tensor
 
 from ..prompts import PromptBank, normal_init
 from .base import Tensors
-from .encoders import EncoderMethod, check_depth
+from .encoders import GlobalPrompts, check_depth
 
 
-class VPT(EncoderMethod):
+class VPT(GlobalPrompts):
     name = "vpt"
     global_keys = ("vision",)
 
@@ -31,9 +31,12 @@ class VPT(EncoderMethod):
         shape = (settings.depth, settings.length, self.tower.width)
         return {"vision": normal_init(shape, generator)}
 
-    def encode_images(self, params: Mapping[str, Tensor], features: Tensor) -> Tensor:
-        return self.tower.encode(features, *self.layers(params["vision"]))
+    def vision_layers(self, params: Mapping[str, Tensor]) -> Tensor:
+        return params["vision"]
 
     def class_features(self, params: Mapping[str, Tensor], bank: PromptBank) -> Tensor:
-        """The frozen features of "a photo of a {class}.", computed once per class list."""
-        return bank.anchor("paper")
+        """The frozen features of "a photo of a {class}.", computed once per class list (K
+        clients' stacked tensors: the same for each)."""
+        anchor = bank.anchor("paper")
+        vision = params["vision"]
+        return anchor if vision.dim() == 3 else anchor.expand(vision.shape[0], -1, -1)
