@@ -134,36 +134,24 @@ def batched_class_features(
 
 
 def encoded_images(
-    experiment: Experiment, params: Mapping[int, Mapping[str, Tensor]]
-) -> dict[tuple, Tensor]:
-    """For a method that runs its stems through the image tower with its own tensors: each
-    distinct set of clients' tensors (:func:`tensors_key`) -> the encoding of the experiment's
-    shared test features (``EvalSet.source``), computed for the rows its clients' sets read
-    and once for all of them. Clients that predict with the GLOBAL tensors alone share one
-    encoding of the test images per evaluation; other clients each have their own. Empty for
-    any other method."""
+    experiment: Experiment, tensors: Mapping[str, Tensor], clients: Sequence[int]
+) -> Tensor | None:
+    """For a method that runs its stems through the image tower with its own tensors: the
+    encoding with ``tensors`` of the experiment's shared test features (``EvalSet.source``), at
+    the rows that the Local, Base and Novel sets of ``clients`` (who all predict with
+    ``tensors``) read; the other rows are zero. None for any other method."""
     method = experiment.method
     if stem_block(method.image_kind) is None:
-        return {}
+        return None
     source = experiment.base.source
-    needed: dict[tuple, list[Tensor]] = {}
-    distinct: dict[tuple, Mapping[str, Tensor]] = {}
-    for cid, tensors in params.items():
-        key = tensors_key(tensors)
-        distinct.setdefault(key, tensors)
-        sets = [experiment.client_data[cid].local, experiment.base, experiment.novel]
-        needed.setdefault(key, []).extend(s.rows for s in sets if s is not None)
-    encoded = {}
-    for key, tensors in distinct.items():
-        rows = torch.unique(torch.cat(needed[key]))
-        with torch.no_grad():
-            parts = [
-                method.encode_images(tensors, source[chunk]) for chunk in rows.split(ENCODE_CHUNK)
-            ]
-        images = parts[0].new_zeros(source.shape[0], *parts[0].shape[1:])
-        images[rows] = torch.cat(parts)
-        encoded[key] = images
-    return encoded
+    sets = [experiment.base, experiment.novel]
+    sets += [experiment.client_data[cid].local for cid in clients]
+    rows = torch.unique(torch.cat([s.rows for s in sets if s is not None]))
+    with torch.no_grad():
+        parts = [method.encode_images(tensors, source[part]) for part in rows.split(ENCODE_CHUNK)]
+    images = parts[0].new_zeros(source.shape[0], *parts[0].shape[1:])
+    images[rows] = torch.cat(parts)
+    return images
 
 
 def evaluate_clients(
@@ -172,28 +160,33 @@ def evaluate_clients(
     """Per-client rows {id, n_train, local, base, novel} of the clients in ``params`` (client id
     -> the tensors it predicts with), each with its own prediction context, by client id. A
     method that can batch encodes each class set once for all the clients; a method with
-    prompts in the image tower encodes the test images once per distinct set of tensors."""
+    prompts in the image tower encodes the test images once per distinct set of tensors (once
+    for all clients that predict with the GLOBAL tensors alone), one set at a time."""
     data: Mapping[int, ClientData] = experiment.client_data
     memo: dict[tuple, float] = {}
     encoded = batched_class_features(experiment, params)
-    images = encoded_images(experiment, params)
-    return [
-        {
-            "id": cid,
-            "n_train": data[cid].num_train,
-            **evaluate_client(
-                experiment.method,
-                params[cid],
-                data[cid].local,
-                experiment.base,
-                experiment.novel,
-                memo,
-                encoded.get(cid),
-                images.get(tensors_key(params[cid])),
-            ),
-        }
-        for cid in sorted(params)
-    ]
+    by_tensors: dict[tuple, list[int]] = {}
+    for cid in sorted(params):
+        by_tensors.setdefault(tensors_key(params[cid]), []).append(cid)
+    rows = {}
+    for clients in by_tensors.values():
+        images = encoded_images(experiment, params[clients[0]], clients)
+        for cid in clients:
+            rows[cid] = {
+                "id": cid,
+                "n_train": data[cid].num_train,
+                **evaluate_client(
+                    experiment.method,
+                    params[cid],
+                    data[cid].local,
+                    experiment.base,
+                    experiment.novel,
+                    memo,
+                    encoded.get(cid),
+                    images,
+                ),
+            }
+    return [rows[cid] for cid in sorted(params)]
 
 
 def zero_shot_rows(experiment: Experiment, clients: Sequence[int]) -> list[dict]:

@@ -5,10 +5,12 @@ settings checked against the towers."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from flowerkit import LoopbackGrid, array_names, flower_config, task_identity  # noqa: F401
 from torch import Tensor, nn
 from towers import assert_gradients_match, cross_entropy, image_features, text_features
 
@@ -16,9 +18,15 @@ from fedpgp.backbone import BackboneSpec, FrozenCLIP
 from fedpgp.backbone.prompted import PromptedImageTower
 from fedpgp.config import load_config
 from fedpgp.errors import BackboneError, ConfigError
-from fedpgp.experiment import stem_block
+from fedpgp.experiment import build_experiment, stem_block
+from fedpgp.federation.flower.client_app import make_client_app
+from fedpgp.federation.flower.server_app import run_server
+from fedpgp.federation.flower.settings import ServerSettings
+from fedpgp.federation.inprocess import run_inprocess
 from fedpgp.methods.base import Method, method_for
+from fedpgp.methods.registry import method_class
 from fedpgp.prompts import PromptBank
+from fedpgp.report import build_results
 
 NAMES = ["dog", "red striped triangle", "cat", "wine glass"]
 LABELS = torch.tensor([0, 3, 1, 2, 2])
@@ -250,3 +258,20 @@ def test_a_tower_that_is_not_a_standard_vit_is_refused_by_name() -> None:
     for name in ("vpt", "ivlp", "maple", "fedmgp", "pfedmma"):
         with pytest.raises(BackboneError, match="model 'fedpgp-tiny' cannot take prompts"):
             _method(backbone, f"method={name}")
+
+
+@pytest.mark.parametrize("name", ["vpt", "ivlp", "maple", "fedmgp", "pfedmma"])
+def test_the_flower_apps_give_the_inprocess_numbers_and_only_uploads_leave(
+    tiny_data: Path, tmp_path: Path, name: str
+) -> None:
+    cfg = flower_config(tiny_data, method=name, lr=0.05, eval_every=1)
+    rows, zeroshot, _ = run_inprocess(build_experiment(cfg))
+    app = make_client_app(cfg, all_clients=True, state_dir=tmp_path / "nodes")
+    results = run_server(LoopbackGrid(app, {101: 0, 202: 1}), cfg, ServerSettings(tmp_path / "run"))
+    assert results == build_results(cfg.to_dict(), rows, zeroshot)
+    # What left the nodes is what the method uploads: its GLOBAL tensors' names (FedMGP: the
+    # groups it drew, under the global groups' names), never a PERSONAL tensor.
+    sent_by_nodes = set(array_names(tmp_path / "run" / "messages.jsonl", direction="received"))
+    method = method_class(name)
+    assert sent_by_nodes == set(method.global_keys)
+    assert not sent_by_nodes & set(method.personal_keys)

@@ -65,3 +65,29 @@ def test_all_runs_every_method_and_the_default_leaves_out_the_costly_ones() -> N
     assert parse_methods("all") == list(METHOD_NAMES)
     costly = {info.name for info in REGISTRY if info.costly}
     assert costly and set(parse_methods(None)) == set(METHOD_NAMES) - costly
+
+
+def test_one_experiment_serves_methods_of_other_templates_and_features(tiny_data: Path) -> None:
+    """compare builds one experiment for all its methods: a method with another prompt
+    template gets banks of its own (the same classes; Local and Base still share one), another
+    feature kind its own features, and each runs as it would alone."""
+    from fedpgp.config import load_config
+    from fedpgp.experiment import build_experiment
+    from fedpgp.federation.inprocess import run_inprocess
+
+    cfg = load_config(None, tiny_overrides(tiny_data, rounds=1))
+    shared = build_experiment(cfg, methods=["ivlp", "pfedmma"])
+    for name, template, kind in (
+        ("ivlp", (2, "of a {}."), "stem"),
+        ("pfedmma", (4, "{}."), "stem@1"),
+        ("fedpgp", (4, "{}."), "pooled"),
+    ):
+        experiment = shared.with_method(name)
+        assert experiment.method.image_kind == kind
+        assert tuple(experiment.base.bank.template[:2]) == template
+        assert experiment.client_data[0].local.bank is experiment.base.bank
+        assert experiment.base.bank.classnames == shared.base.bank.classnames
+        alone = build_experiment(
+            load_config(None, tiny_overrides(tiny_data, rounds=1, method=name))
+        )
+        assert run_inprocess(experiment)[0] == run_inprocess(alone)[0]
