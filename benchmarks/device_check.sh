@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine: the step, round and batched-round benchmarks on the GPU, and
-# one paper-size round (ViT-B/16 architecture, random weights, 10 clients, n_cls 50) sequential
-# and batched, with times and peak memory; at most 5 minutes (3 parts of at most 100 s each).
+# One command for a CUDA machine: the step, round and batched-round benchmarks on the GPU, one
+# paper-size round (ViT-B/16 architecture, random weights, 10 clients, n_cls 50) sequential
+# and batched, with times and peak memory, and the steps of the methods with prompts inside the
+# encoders at paper size; at most about 7 minutes (4 parts of at most 100 s each).
 # Run from the repository root after the README's install command:
 #   bash benchmarks/device_check.sh
 set -uo pipefail
@@ -19,4 +20,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 run benchmarks/bench_step.py --device cuda --classes 50 --repeats 10
 run benchmarks/bench_round.py --device cuda --clients 1
 run benchmarks/bench_batched.py --device cuda --methods fedpgp,promptfl --paper-clients 10
+run benchmarks/bench_methods.py --device cuda --methods vpt,ivlp,maple,fedmgp,pfedmma \
+  --no-world --stem-repeats 5
 exit $status

@@ -16,6 +16,24 @@ from fedpgp.federation.inprocess import InProcess
 from fedpgp.prompts import PromptBank
 
 
+def each_alone(experiment, params: dict) -> list[dict]:
+    """Every client's row as evaluate_client gives it for that client alone."""
+    return [
+        {
+            "id": cid,
+            "n_train": experiment.client_data[cid].num_train,
+            **evaluate_client(
+                experiment.method,
+                params[cid],
+                experiment.client_data[cid].local,
+                experiment.base,
+                experiment.novel,
+            ),
+        }
+        for cid in sorted(params)
+    ]
+
+
 @pytest.mark.parametrize("label_space", ["all", "client"])
 def test_evaluate_client_equals_per_set_accuracy_with_one_pass_per_bank(
     tiny_data: Path, label_space: str, monkeypatch: pytest.MonkeyPatch
@@ -115,20 +133,7 @@ def test_batched_evaluation_equals_each_client_alone(
         }
         for cid in experiment.client_data
     }
-    alone = [
-        {
-            "id": cid,
-            "n_train": experiment.client_data[cid].num_train,
-            **evaluate_client(
-                experiment.method,
-                params[cid],
-                experiment.client_data[cid].local,
-                experiment.base,
-                experiment.novel,
-            ),
-        }
-        for cid in sorted(params)
-    ]
+    alone = each_alone(experiment, params)
     assert evaluate_clients(experiment, params) == alone
 
 
@@ -145,20 +150,7 @@ def test_prompted_image_towers_encode_the_test_images_once_per_distinct_tensors(
     for client in clients.values():
         client.train(received, 0)
     params = {cid: client.params(received) for cid, client in clients.items()}
-    alone = [
-        {
-            "id": cid,
-            "n_train": experiment.client_data[cid].num_train,
-            **evaluate_client(
-                experiment.method,
-                params[cid],
-                experiment.client_data[cid].local,
-                experiment.base,
-                experiment.novel,
-            ),
-        }
-        for cid in sorted(params)
-    ]
+    alone = each_alone(experiment, params)
     encoded: list[int] = []
     cls = type(experiment.method)
     original = cls.encode_images

@@ -275,3 +275,32 @@ def test_the_flower_apps_give_the_inprocess_numbers_and_only_uploads_leave(
     method = method_class(name)
     assert sent_by_nodes == set(method.global_keys)
     assert not sent_by_nodes & set(method.personal_keys)
+
+
+def test_a_resnet_backbone_is_refused_by_name(tmp_path: Path) -> None:
+    """A CLIP whose image tower is open_clip's ResNet loads (its image size is one int), and
+    every method that prompts inside the image tower refuses it, naming it."""
+    import json
+
+    import open_clip
+
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 64,
+            "heads": 2,
+            "layers": 2,
+        },
+    }
+    (tmp_path / "fedpgp-test-rn.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "fedpgp-test-rn.json")
+    backbone = FrozenCLIP.load(BackboneSpec("fedpgp-test-rn", None))
+    assert backbone.image_size == 32
+    for name in ("vpt", "ivlp", "maple", "fedmgp", "pfedmma"):
+        with pytest.raises(
+            BackboneError, match="'fedpgp-test-rn' cannot take prompts.*ModifiedResNet"
+        ):
+            _method(backbone, f"method={name}")

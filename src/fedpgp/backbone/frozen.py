@@ -149,7 +149,9 @@ class FrozenCLIP(nn.Module):
         self.tokenizer = tokenizer(name)
         self.register_buffer("token_map", token_map, persistent=False)
         preprocess = model.visual.preprocess_cfg
-        self.image_size = int(model.visual.image_size[0])
+        size = model.visual.image_size
+        # A ViT keeps (height, width), open_clip's ResNet one int.
+        self.image_size = int(size if isinstance(size, int) else size[0])
         self.mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
         self.std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
         # Set by the run (config key ``precision``): bf16 autocast of the frozen encoders on CUDA.
