@@ -35,7 +35,8 @@ def _trained(tiny_data: Path, out: Path, method: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("runs")
-    return {m: _trained(tiny_data, folder / m, m) for m in ("fedpgp", "fedotp", "pfedmoap")}
+    methods = ("fedpgp", "fedotp", "pfedmoap", "fedmgp", "pfedmma")
+    return {m: _trained(tiny_data, folder / m, m) for m in methods}
 
 
 def _base_images(run_dir: Path) -> list[Path]:
@@ -135,7 +136,7 @@ def test_a_class_file_empty_or_with_duplicates_is_refused(
     assert str(classes) in err and ("no class name" in err or "repeated: ['red']" in err)
 
 
-@pytest.mark.parametrize("method", ["fedpgp", "fedotp", "pfedmoap"])
+@pytest.mark.parametrize("method", ["fedpgp", "fedotp", "pfedmoap", "fedmgp", "pfedmma"])
 def test_an_exported_prompt_gives_the_runs_logits(
     runs: dict[str, Path], tmp_path: Path, method: str
 ) -> None:
