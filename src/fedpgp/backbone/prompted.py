@@ -77,11 +77,7 @@ class PromptedImageTower:
     def stem(self, images: Tensor, block: int = 0) -> Tensor:
         """Tokens (N, 1 + P, D_v) entering block ``block`` for transformed images (N, 3, H, W):
         frozen, so computed once per image."""
-        if not 0 <= block < self.depth:
-            raise ValueError(
-                f"a stem entering block {block}: the image tower of '{self.backbone.name}' has "
-                f"blocks 0 .. {self.depth - 1}"
-            )
+        self._check_block(block)
         with self.backbone.autocast():
             tokens = self.visual._embeds(images.to(self.backbone.device))
             for frozen in self.blocks[:block]:
@@ -123,15 +119,19 @@ class PromptedImageTower:
                 pooled = pooled @ self.visual.proj
         return F.normalize(pooled.float(), dim=-1)
 
+    def _check_block(self, block: int) -> None:
+        """ValueError unless a stem can enter block ``block`` of this tower."""
+        if not 0 <= block < self.depth:
+            raise ValueError(
+                f"a stem entering block {block}: the image tower of '{self.backbone.name}' has "
+                f"blocks 0 .. {self.depth - 1}"
+            )
+
     def _check(
         self, prompts: Tensor | None, deep: Sequence[Tensor], adapters: Adapters, start: int
     ) -> None:
         """ValueError for prompts or adapters that this tower cannot take from block ``start``."""
-        if not 0 <= start < self.depth:
-            raise ValueError(
-                f"a stem entering block {start}: the image tower of '{self.backbone.name}' has "
-                f"blocks 0 .. {self.depth - 1}"
-            )
+        self._check_block(start)
         if start and (prompts is not None or deep):
             raise ValueError(f"prompts enter at block 0, the stem enters block {start}")
         if deep and prompts is None:
