@@ -198,8 +198,7 @@ def test_pfedmma_equals_the_reference(tiny: FrozenCLIP, blocks: int | None, scal
     assert method.image_kind == ("stem@1" if count == 1 else "stem")
     start = _start(method, tiny, seed=4)
     images = _images(tiny, seed=3)
-    photo = text_features(tiny, ["x"], torch.zeros(0, tiny.text_width), "a photo of a {}.")
-    assert photo.shape == (1, tiny.embed_dim)
+    # The fixed prompt "a photo of a {class}.": its four words are the context.
     ids, eot = tiny.tokenize(["a photo of a"])
     context = tiny.embed_tokens(ids)[0, 1 : int(eot[0])]
 

@@ -258,3 +258,12 @@ def test_only_the_final_round_is_evaluated_unless_asked(tiny_data: Path) -> None
     rows_every, _, _ = run_inprocess(build_experiment(every))
     assert [row["round"] for row in rows_every] == [1, 2, 3]
     assert rows_every[-1]["local"] == rows[-1]["local"]
+
+
+def test_a_softmax_sharp_enough_to_underflow_still_draws_distinct_groups() -> None:
+    from fedpgp.methods.fedmgp import draw_without_replacement
+
+    sharp = torch.softmax(torch.tensor([0.0, 1.0, 0.5, 0.2]) / 1e-4, 0)
+    assert (sharp == 0).sum() == 3
+    drawn = draw_without_replacement(sharp, 3, torch.Generator().manual_seed(0))
+    assert int(drawn[0]) == 1 and len(set(drawn.tolist())) == 3

@@ -46,7 +46,9 @@ def draw_without_replacement(
 ) -> Tensor:
     """``count`` indices drawn one at a time, each with the probabilities of the indices not
     yet drawn, renormalised; in the order drawn."""
-    remaining = probabilities.double().clone()
+    # At least the smallest positive double: a sharp softmax that underflows to exact zeros
+    # still leaves indices to draw after its certain ones.
+    remaining = probabilities.double().clamp_min(torch.finfo(torch.float64).tiny)
     drawn = []
     for _ in range(count):
         index = int(torch.multinomial(remaining / remaining.sum(), 1, generator=generator))
