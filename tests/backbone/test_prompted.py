@@ -1,5 +1,5 @@
-"""The prompted image tower: no prompt is open_clip's encode_image; layer-0 and deep prompts
-equal a loop over the blocks written here from the specification (prompts appended before
+"""The prompted image tower: no prompt is open_clip's encode_image; layer-0 and deep prompts and
+adapters equal the loop over the blocks of tests/towers.py (prompts appended before
 ``ln_pre``, deep prompts replacing the last tokens); a tower it cannot replay is refused."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from towers import image_features
 
 from fedpgp.backbone import BackboneSpec, FrozenCLIP
 from fedpgp.backbone.prompted import PromptedImageTower
@@ -25,23 +26,6 @@ def backbone(request: pytest.FixtureRequest) -> FrozenCLIP:
 def _images(backbone: FrozenCLIP, count: int, seed: int = 0) -> Tensor:
     size = backbone.image_size
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _by_hand(backbone: FrozenCLIP, images: Tensor, prompts: Tensor, deep: list[Tensor]) -> Tensor:
-    """The authors' order (BASELINES.md Part B, section 0): patches, class token and positions,
-    the prompts appended without positions, ``ln_pre`` over the whole sequence, then before
-    block i (1 <= i <= len(deep)) the last M tokens replaced by deep[i - 1]."""
-    visual = backbone.model.visual
-    count, length = images.shape[0], prompts.shape[-2]
-    x = visual.conv1(images).flatten(2).transpose(1, 2)
-    x = torch.cat([visual.class_embedding.expand(count, 1, -1), x], dim=1)
-    x = x + visual.positional_embedding
-    x = visual.ln_pre(torch.cat([x, prompts.expand(count, -1, -1)], dim=1))
-    for index, block in enumerate(visual.transformer.resblocks):
-        if 1 <= index <= len(deep):
-            x = torch.cat([x[:, :-length], deep[index - 1].expand(count, -1, -1)], dim=1)
-        x = block(x)
-    return F.normalize(visual.ln_post(x[:, 0]) @ visual.proj, dim=-1)
 
 
 def _prompts(tower: PromptedImageTower, length: int, seed: int) -> Tensor:
@@ -64,7 +48,7 @@ def test_prompts_equal_the_loop_over_the_blocks(backbone: FrozenCLIP, deep_count
     prompts = _prompts(tower, 3, seed=2)
     deep = [_prompts(tower, 3, seed=10 + i) for i in range(deep_count)]
     ours = tower.encode(tower.stem(images), prompts, deep)
-    reference = _by_hand(backbone, images, prompts, deep)
+    reference = image_features(backbone, images, prompts, deep)
     assert torch.allclose(ours, reference, atol=1e-5)
     # The prompts change the features (so the check above is not of the plain tower).
     assert (ours - backbone.encode_images(images)).abs().max() > 1e-3
@@ -117,15 +101,7 @@ def test_adapters_and_later_stems_equal_the_loop_over_the_blocks(backbone: Froze
     images = _images(backbone, 3, seed=8)
     first = tower.depth // 2
     weights = {i: _adapter(tower.width, 40 + i) for i in range(first, tower.depth)}
-    visual = backbone.model.visual
-    x = visual._embeds(images)
-    for index, block in enumerate(visual.transformer.resblocks):
-        out = block(x)
-        if index in weights:
-            a, b = weights[index]
-            out = out + F.relu(visual.transformer.resblocks[index].ln_1(x) @ a.t()) @ b.t()
-        x = out
-    reference = F.normalize(visual.ln_post(x[:, 0]) @ visual.proj, dim=-1)
+    reference = image_features(backbone, images, adapters=_adapters(weights))
     from_zero = tower.encode(tower.stem(images), adapters=_adapters(weights))
     later = tower.stem(images, block=first)
     from_first = tower.encode(later, adapters=_adapters(weights), start=first)
