@@ -91,8 +91,8 @@ class PFedMMA(EncoderMethod):
 
     @property
     def template(self) -> PromptTemplate:
-        """The fixed prompt "a photo of a {class}.": its words are the (frozen) context."""
-        return PromptTemplate(len(PHOTO.split()), "{}.", f'pfedmma\'s prompt "{PHOTO} {{}}."')
+        """The fixed prompt "a photo of a {class}.": its tokens are the (frozen) context."""
+        return PromptTemplate(len(self.context), "{}.", f'pfedmma\'s prompt "{PHOTO} {{}}."')
 
     @cached_property
     def context(self) -> Tensor:
